@@ -1,0 +1,39 @@
+"""Entry point: `python -m mrl_jax.main --config configs/quickstart.py --workdir DIR`.
+
+Any config field can be overridden with `--config.FIELD=VALUE`, and the config
+file takes arguments after a colon: `--config configs/resnet50_imagenet.py:runlocal`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mrl_jax.checkpointing import CheckpointMismatchError
+from mrl_jax.config_errors import ConfigError
+from mrl_jax.data.sources import DatasetNotPreparedError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summaries.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train"], "train: train (or resume) and evaluate.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Errors a user can fix: one clear line, no traceback.
+USER_ERRORS = (ConfigError, CheckpointMismatchError, DatasetNotPreparedError)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  from mrl_jax import train  # Imported here so `--help` stays fast.
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

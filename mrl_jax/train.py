@@ -1,0 +1,282 @@
+"""The MRL train loop, read top to bottom: checks -> mesh -> input -> model and
+optimizer -> update step -> checkpoint restore -> evaluation -> loop -> summary.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mrl_jax import losses, models, optim, sharding
+from mrl_jax.checkpointing import Checkpointer
+from mrl_jax.config_checks import check_config
+from mrl_jax.data import pipeline
+from mrl_jax.metric_writer import MetricWriter, Throughput, format_eta
+from mrl_jax.nesting import Nesting
+
+DEFAULT_SHARDING_RULES = (("head/", ("model",)),)
+
+
+def host_values(tree: Any) -> Any:
+  """Replicated device values as numpy on this process (works multi-process too)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def per_size_metrics(prefix: str, name: str, dims: tuple[int, ...], values: np.ndarray) -> dict:
+  return {f"{prefix}/{name}_d{m}": float(v) for m, v in zip(dims, values)}
+
+
+def nested_loss(config: ml_collections.ConfigDict, logits: jax.Array, labels: jax.Array,
+                weights: jax.Array, mask: jax.Array | None = None):
+  if config.loss == "sigmoid":
+    if labels.ndim == 1:
+      labels = jax.nn.one_hot(labels, logits.shape[-1])
+    return losses.nested_sigmoid_xent(logits, labels, weights, mask=mask)
+  return losses.nested_softmax_xent(logits, labels, weights, mask=mask,
+                                    label_smoothing=config.get("label_smoothing", 0.0))
+
+
+def checkpoint_meta(config: ml_collections.ConfigDict, nesting: Nesting, num_classes: int) -> dict:
+  """What a checkpoint's parameters depend on (checked when restoring)."""
+  return {"model": config.model.to_dict(), "head": config.head, "dims": list(nesting.dims),
+          "num_classes": int(num_classes), "head_bias": bool(config.get("head_bias", True))}
+
+
+class _PreemptionFlag:
+  """Turns SIGTERM into a flag the loop checks between steps (save, then exit)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. a notebook worker): no handler.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the configured MRL model; returns the summary it writes."""
+  # ---------------------------------------------------------------- checks
+  data_info = pipeline.dataset_info(config.data)
+  nesting = check_config(config, num_devices=jax.device_count(),
+                         process_count=jax.process_count())
+  dims = nesting.dims
+  writer = MetricWriter(workdir)
+  steps_per_epoch = max(data_info.num_train_examples // config.batch_size, 1)
+  total_steps = int(config.get("total_steps") or math.ceil(config.total_epochs * steps_per_epoch))
+
+  # ---------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(config.mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  rules = tuple(config.get("sharding_rules") or DEFAULT_SHARDING_RULES)
+  writer.console(f"Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} "
+                 f"devices, {jax.process_count()} process(es).")
+
+  # ---------------------------------------------------------------- input
+  train_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size,
+                                            seed=config.seed)
+
+  # ---------------------------------------------------------------- model & optimizer
+  def make_model() -> nnx.Module:
+    return models.build_model(config, num_classes=data_info.num_classes,
+                              in_channels=data_info.image_shape[-1], rngs=nnx.Rngs(config.seed))
+
+  graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
+  schedule = optim.build_schedule(config.schedule, config.lr, total_steps)
+  tx = optim.build_optimizer(config.optimizer, schedule, abstract_params)
+
+  def init_state() -> dict[str, Any]:
+    _, params, model_state = nnx.split(make_model(), nnx.Param, ...)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
+            "opt_state": tx.init(params)}
+
+  # Parameters are never materialised unsharded: shapes -> shardings -> jitted init.
+  abstract_state = jax.eval_shape(init_state)
+  state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+  writer.console(f"Model: {config.model.name} ({config.head} head, dims {list(dims)}), "
+                 f"{sum(x.size for x in jax.tree.leaves(abstract_params)):,} parameters.")
+
+  # ---------------------------------------------------------------- update step
+  weights = jnp.asarray(nesting.weights, jnp.float32)
+  accum = int(config.get("grad_accum_steps", 1))
+
+  def loss_and_aux(params, model_state, images, labels):
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    _, logits = model(images, train=True)
+    loss, per_size_loss = nested_loss(config, logits, labels, weights)
+    _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+    return loss, (per_size_loss, losses.nested_top1(logits, labels), new_model_state)
+
+  grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
+
+  def train_step(state, batch):
+    params = state["params"]
+    if accum == 1:
+      (loss, (per_loss, top1, model_state)), grads = grad_fn(
+          params, state["model_state"], batch["image"], batch["label"])
+    else:
+      # Microbatch k takes rows k, k+accum, ...: every device keeps its own rows.
+      def split(x):
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
+      micro = jax.tree.map(split, {"image": batch["image"], "label": batch["label"]})
+
+      def body(carry, mb):
+        model_state, grad_sum = carry
+        (loss, (per_loss, top1, model_state)), grads = grad_fn(
+            params, model_state, mb["image"], mb["label"])
+        return (model_state, jax.tree.map(jnp.add, grad_sum, grads)), (loss, per_loss, top1)
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (model_state, grads), (loss, per_loss, top1) = jax.lax.scan(
+          body, (state["model_state"], zeros), micro)
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss, per_loss, top1 = loss.mean(), per_loss.mean(0), top1.mean(0)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                 "model_state": model_state, "opt_state": opt_state}
+    metrics = {"loss": loss, "per_size_loss": per_loss, "per_size_top1": top1,
+               "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+    return new_state, metrics
+
+  train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+  def eval_step(params, model_state, batch):
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    _, logits = model(batch["image"], train=False)
+    mask = batch["mask"]
+    _, per_loss = nested_loss(config, logits, batch["label"], weights, mask=mask)
+    correct = (losses.nested_correct(logits, batch["label"]) * mask).sum(axis=1)
+    return {"correct": correct, "loss_sum": per_loss * mask.sum(), "count": mask.sum()}
+
+  eval_step = jax.jit(eval_step, in_shardings=(state_shardings["params"],
+                                               state_shardings["model_state"], batch_sharding),
+                      out_shardings=replicated)
+
+  def evaluate(state) -> dict[str, np.ndarray]:
+    totals = None
+    for batch in pipeline.make_eval_batches(config.data, global_batch_size=config.eval_batch_size):
+      out = host_values(eval_step(state["params"], state["model_state"],
+                                  sharding.global_batch(batch, mesh)))
+      totals = out if totals is None else jax.tree.map(np.add, totals, out)
+    count = max(float(totals["count"]), 1.0)
+    return {"top1": totals["correct"] / count, "loss": totals["loss_sum"] / count,
+            "count": int(totals["count"])}
+
+  # ---------------------------------------------------------------- init or restore
+  checkpointer = Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
+                              keep=config.get("keep_checkpoints", 3),
+                              async_save=config.get("async_checkpointing", True))
+  meta = checkpoint_meta(config, nesting, data_info.num_classes)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    state = jax.jit(init_state, out_shardings=state_shardings)()
+    first_step = 0
+  else:
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract_state, state_shardings)
+    state = checkpointer.restore(latest, abstract, train_iter, meta)
+    first_step = int(host_values(state["step"]))
+    writer.console(f"Resumed from {checkpointer.directory}/{latest} (step {first_step}).")
+
+  # ---------------------------------------------------------------- train loop
+  wait_each_step = jax.default_backend() == "cpu"  # CPU collectives can hang otherwise.
+  log_every = config.get("log_every_steps", 50)
+  eval_every = config.get("eval_every_steps", 0)
+  throughput = Throughput(first_step, total_steps, config.batch_size)
+  start_time = time.time()
+  step = first_step
+  preempted = False
+  with _PreemptionFlag() as preemption:
+    try:
+      while step < total_steps:
+        batch = sharding.global_batch(next(train_iter), mesh)
+        state, metrics = train_step(state, batch)
+        step += 1
+        if wait_each_step:
+          jax.block_until_ready(metrics["loss"])
+        if step % log_every == 0 or step == total_steps or step == first_step + 1:
+          values = host_values(metrics)
+          if not np.isfinite(values["loss"]):
+            raise FloatingPointError(
+                f"Non-finite training loss {values['loss']} at step {step} (per-size losses "
+                f"{dict(zip(dims, values['per_size_loss'].tolist()))}); no checkpoint is "
+                "written from this state. Lower config.lr or enable config.optimizer.grad_clip_norm.")
+          speed = throughput.report(step)
+          row = {"train/loss": float(values["loss"]), "train/lr": float(values["lr"]),
+                 "train/grad_norm": float(values["grad_norm"]),
+                 **per_size_metrics("train", "loss", dims, values["per_size_loss"]),
+                 **per_size_metrics("train", "top1", dims, values["per_size_top1"]),
+                 **{f"perf/{k}": v for k, v in speed.items()}}
+          writer.write(step, row)
+          writer.console(
+              f"step {step}/{total_steps} | loss {values['loss']:.4f} | top1 "
+              + " ".join(f"@{m}:{a:.3f}" for m, a in zip(dims, values["per_size_top1"]))
+              + f" | lr {values['lr']:.4g} | {speed['steps_per_s']:.2f} steps/s, "
+              f"{speed['examples_per_s']:.0f} ex/s ({speed['examples_per_s_per_device']:.0f}/device)"
+              f" | ETA {format_eta(speed['eta_s'])}")
+        if eval_every and step % eval_every == 0 and step != total_steps:
+          result = evaluate(state)
+          writer.write(step, {**per_size_metrics("val", "top1", dims, result["top1"]),
+                              **per_size_metrics("val", "loss", dims, result["loss"])})
+        if preemption.requested:
+          writer.console(f"SIGTERM: saving a checkpoint at step {step} before exiting.")
+          checkpointer.save(step, state, train_iter, meta)
+          preempted = True
+          break
+        if checkpointer.should_save(step) or step == total_steps:
+          checkpointer.save(step, state, train_iter, meta)
+    finally:
+      checkpointer.close()
+
+  if preempted:
+    writer.console(f"Preempted at step {step}; run the same command to resume.")
+    writer.close()
+    return {"dims": list(dims), "steps": step, "preempted": True}
+
+  # ---------------------------------------------------------------- final evaluation
+  result = evaluate(state)
+  val_top1 = {str(m): float(a) for m, a in zip(dims, result["top1"])}
+  writer.write(step, {**per_size_metrics("val", "top1", dims, result["top1"]),
+                      **per_size_metrics("val", "loss", dims, result["loss"])})
+  summary = {"dims": list(dims), "val_top1": val_top1,
+             "val_loss": {str(m): float(v) for m, v in zip(dims, result["loss"])},
+             "steps": step, "head": config.head, "model": config.model.name,
+             "dataset": config.data.name, "eval_examples": result["count"],
+             "train_seconds_this_run": round(time.time() - start_time, 1)}
+  writer.write_json("summary.json", summary)
+  writer.console(format_table(dims, result["top1"], config.data.name))
+  writer.close()
+  return summary
+
+
+def format_table(dims: tuple[int, ...], top1: np.ndarray, dataset: str) -> str:
+  lines = [f"Validation top-1 per nesting size ({dataset}):", "   dims | top-1 (%)",
+           "  ------+----------"]
+  lines += [f"  {m:5d} | {100 * a:6.2f}" for m, a in zip(dims, top1)]
+  return "\n".join(lines)
