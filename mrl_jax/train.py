@@ -160,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "model_state": model_state, "opt_state": opt_state}
     metrics = {"loss": loss, "per_size_loss": per_loss, "per_size_top1": top1,
-               "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+               "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
     return new_state, metrics
 
   train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),

@@ -73,8 +73,9 @@ def test_training_reduces_the_loss(digits_data_dir, tmp_path):
   rows = read_metrics(tmp_path)
   first, last = rows[0], [r for r in rows if "train/loss" in r][-1]
   assert last["train/loss"] < 0.6 * first["train/loss"]
-  # 10 classes: chance is 0.1; every size learns something in 40 steps.
-  assert min(summary["val_top1"].values()) > 0.3
+  # 10 classes: chance is 0.1; every size learns something in 40 steps, the large ones most.
+  assert min(summary["val_top1"].values()) > 0.2
+  assert summary["val_top1"]["64"] > 0.6
 
 
 @pytest.mark.slow
