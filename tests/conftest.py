@@ -22,3 +22,14 @@ def subprocess_env(num_devices: int = 1) -> dict[str, str]:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   return env
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `gpu` are skipped where JAX sees no GPU (CI runs on CPU)."""
+  import jax
+  if any(d.platform == "gpu" for d in jax.devices()):
+    return
+  skip = pytest.mark.skip(reason="needs a GPU")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)

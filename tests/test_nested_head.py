@@ -56,7 +56,8 @@ def test_matches_official_torch_layer(efficient, use_bias):
       head.bias[...] = jnp.asarray(np.stack([fc.bias.detach().numpy() for fc in fcs]), jnp.float32)
   x = np.random.default_rng(1).normal(size=(5, 32))
   expected = np.stack([o.detach().numpy() for o in ref(torch.from_numpy(x))])
-  got = np.asarray(head(jnp.asarray(x, jnp.float32)))
+  with jax.default_matmul_precision("highest"):  # GPUs default to TF32 matmuls.
+    got = np.asarray(head(jnp.asarray(x, jnp.float32)))
   assert got.shape == (len(DIMS), 5, 7)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -70,8 +71,9 @@ def test_matches_naive_loop_and_round_trips_layout(efficient):
   assert [k.shape for k in kernels] == [(m, 11) for m in DIMS]
   bias = head.bias[...]
   biases = [bias] * len(DIMS) if efficient else list(bias)
-  np.testing.assert_allclose(head(z), naive_nested_logits(z, kernels, biases, DIMS),
-                             rtol=1e-5, atol=1e-5)
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(head(z), naive_nested_logits(z, kernels, biases, DIMS),
+                               rtol=1e-5, atol=1e-5)
   # Writing the per-size layout back gives the same chunk-major parameters.
   before = jax.tree.leaves(nnx.state(head, nnx.Param))
   head.set_per_size_kernels(kernels[-1:] if efficient else kernels)

@@ -84,8 +84,9 @@ def blur_3x3(x: jax.Array) -> jax.Array:
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """torch's MaxPool2d(3, stride=2, padding=1): pads with -inf, so the pad never wins."""
+  # A Python-scalar init value keeps JAX's differentiable max-pool path.
   return jax.lax.reduce_window(
-      x, jnp.array(-jnp.inf, dtype=x.dtype), jax.lax.max,
+      x, -jnp.inf, jax.lax.max,
       window_dimensions=(1, 3, 3, 1), window_strides=(1, 2, 2, 1),
       padding=((0, 0), (1, 1), (1, 1), (0, 0)))
 

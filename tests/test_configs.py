@@ -1,0 +1,82 @@
+"""Every config smoke-runs with `:runlocal`; config arguments parse; full configs validate."""
+
+import glob
+import importlib.util
+import json
+import os
+
+import pytest
+
+from mrl_jax import train
+from mrl_jax.config_args import parse_config_arg
+from mrl_jax.config_checks import check_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def load_config(path, arg=None):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_every_config_opens_with_its_run_command():
+  for path in CONFIGS:
+    with open(path) as f:
+      first = f.readline()
+    assert first.startswith("# python -m mrl_jax.main --config configs/"), path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_runlocal_trains_and_writes_a_summary(path, digits_data_dir, tmp_path):
+  config = load_config(path, "runlocal")
+  if config.data.name == "mrl_digits":
+    config.data.data_dir = digits_data_dir
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / "summary.json") as f:
+    assert json.load(f)["dims"] == summary["dims"] == list(config.nesting.dims)
+
+
+@pytest.mark.slow
+def test_training_options_run_together(digits_data_dir, tmp_path):
+  """MRL-E head, bfloat16 compute, gradient accumulation, AdamW, clipping, sigmoid loss."""
+  config = load_config(os.path.join(ROOT, "configs", "quickstart.py"), "runlocal")
+  config.data.data_dir = digits_data_dir
+  config.head = "mrl_e"
+  config.compute_dtype = "bfloat16"
+  config.grad_accum_steps = 2
+  config.loss = "sigmoid"
+  config.lr = 1e-3
+  config.optimizer = dict(name="adamw", weight_decay=0.05, grad_clip_norm=1.0)
+  config.schedule = dict(name="linear", warmup_steps=2)
+  config.nesting.weights = (2.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["steps"] == config.total_steps
+  assert all(0.0 <= v <= 1.0 for v in summary["val_top1"].values())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_full_configs_pass_the_checks_on_8_devices(path):
+  config = load_config(path)
+  nesting = check_config(config, num_devices=8, process_count=1)
+  assert nesting.dims == tuple(config.nesting.dims)
+
+
+def test_resnet50_config_is_the_papers_recipe():
+  config = load_config(os.path.join(ROOT, "configs", "resnet50_imagenet.py"))
+  assert config.nesting.dims == (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+  assert (config.total_epochs, config.batch_size, config.label_smoothing) == (40, 512, 0.1)
+  assert (config.optimizer.name, config.optimizer.momentum) == ("sgd", 0.9)
+  assert config.optimizer.weight_decay == 1e-4 and not config.optimizer.decay_norms_and_biases
+  assert config.data.name == "imagenet2012" and config.model.depth == 50
+  assert load_config(os.path.join(ROOT, "configs", "resnet50_imagenet.py"), "head=mrl_e").head == "mrl_e"
+
+
+def test_config_args_parse_literals_and_reject_typos():
+  arg = parse_config_arg("runlocal,depth=50,variant=B/16", runlocal=False, depth=18, variant="S/16")
+  assert (arg.runlocal, arg.depth, arg.variant) == (True, 50, "B/16")
+  with pytest.raises(ValueError, match="runlcal"):
+    parse_config_arg("runlcal", runlocal=False)
