@@ -8,15 +8,22 @@ Kinds (`config.head`):
   * ``ff``: the fixed-feature baseline, a plain classifier on z[:k]; it is the
     ``mrl`` head with the single size k, so it needs no code of its own.
 
-Cost. The embedding is cut into the chunks between consecutive sizes. Each
-chunk is multiplied once, by the rows of every classifier that reads it, and
-the partial products are summed cumulatively over chunks. This costs
-sum(m) * C multiply-adds for ``mrl`` and d * C for ``mrl_e``: the minimum,
-with no masked full-width copies. To keep the per-step work free of weight
-slicing, ``mrl`` stores its classifiers chunk-major: ``kernels[j]`` has shape
-[chunk_j, num_sizes - j, C] and holds rows chunk_j of classifiers j..n-1.
-`per_size_kernels` / `set_per_size_kernels` convert to and from the usual
-per-classifier [m, C] layout (for export, import and tests).
+Cost (multiply-adds per example, the minimum for each kind):
+  * ``mrl``: sum(m) * C. Classifier i reads its prefix once: one GEMM per
+    size, traced into one jitted computation, each classifier its own
+    parameter (`kernels[i]`, [m_i, C], the official `nesting_classifier_i`).
+    Two batched alternatives cost the same multiply-adds and measured slower
+    (benchmarks/nested_head.py, d=2048, C=1000): per-chunk partial products
+    accumulated across sizes write (n + 1) / 2 times more partial logits (1.8x
+    slower on CPU, 1.2x on an H100), and one stacked [sum(m), C] parameter
+    split per size adds a full copy of the weights and their gradient (1.25x
+    slower on CPU).
+  * ``mrl_e``: d * C. The embedding is cut into the chunks between consecutive
+    sizes; each chunk is multiplied once by its rows of the shared W and the
+    partial logits are summed as a running total, so prefix m_i costs only its
+    new rows. The naive loop re-multiplies the shared leading features for
+    every size: sum(m) * C, about 2x for a doubling nesting list.
+No masked full-width copies are made for either kind.
 """
 
 from __future__ import annotations
@@ -46,60 +53,58 @@ class NestedHead(nnx.Module):
     self.dtype = dtype
     n = self.nesting.num_sizes
     key = rngs.params()
-    # Each classifier gets LeCun-normal scale for its own fan-in m_i.
-    head_scale = np.asarray([1.0 / np.sqrt(m) for m in self.nesting.dims], np.float32)
     if efficient:
       d = self.nesting.dims[-1]
       self.kernel = nnx.Param(
           jax.random.normal(key, (d, num_classes), param_dtype) / np.sqrt(d))
       self.bias = nnx.Param(jnp.zeros((num_classes,), param_dtype)) if use_bias else None
     else:
+      # Each classifier gets LeCun-normal scale for its own fan-in m_i.
       keys = jax.random.split(key, n)
-      kernels = []
-      for j, (start, end) in enumerate(self.nesting.chunks):
-        scale = jnp.asarray(head_scale[j:], param_dtype)[None, :, None]
-        kernels.append(nnx.Param(
-            jax.random.normal(keys[j], (end - start, n - j, num_classes), param_dtype) * scale))
-      self.kernels = nnx.List(kernels)
+      self.kernels = nnx.List([
+          nnx.Param(jax.random.normal(k, (m, num_classes), param_dtype) / np.sqrt(m))
+          for k, m in zip(keys, self.nesting.dims)])
       self.bias = nnx.Param(jnp.zeros((n, num_classes), param_dtype)) if use_bias else None
 
   def __call__(self, z: jax.Array) -> jax.Array:
     z = z.astype(self.dtype)
-    n = self.nesting.num_sizes
     if self.efficient:
       kernel = self.kernel[...].astype(self.dtype)
-      partials = jnp.stack([z[:, s:e] @ kernel[s:e] for s, e in self.nesting.chunks])
-      logits = jnp.cumsum(partials, axis=0)
-      if self.bias is not None:
-        logits = logits + self.bias[...].astype(self.dtype)
-      return logits
-    batch, classes = z.shape[0], self.num_classes
-    logits = jnp.zeros((batch, n, classes), self.dtype)
-    for j, (s, e) in enumerate(self.nesting.chunks):
-      # One plain GEMM per chunk feeds classifiers j..n-1 at once, accumulated in place.
-      kernel = self.kernels[j][...].astype(self.dtype).reshape(e - s, (n - j) * classes)
-      logits = logits.at[:, j:].add((z[:, s:e] @ kernel).reshape(batch, n - j, classes))
-    if self.bias is not None:
-      logits = logits + self.bias[...].astype(self.dtype)
-    return jnp.transpose(logits, (1, 0, 2))
+      # jnp.split (not slicing) so the backward pass concatenates the chunk
+      # gradients instead of padding each one to full size and adding.
+      bounds = [e for _, e in self.nesting.chunks[:-1]]
+      z_chunks, w_chunks = jnp.split(z, bounds, axis=1), jnp.split(kernel, bounds, axis=0)
+      logits, running = [], None
+      for z_chunk, w_chunk in zip(z_chunks, w_chunks):
+        partial = z_chunk @ w_chunk
+        running = partial if running is None else running + partial
+        logits.append(running)
+      logits = jnp.stack(logits)
+      bias = None if self.bias is None else self.bias[...].astype(self.dtype)
+    else:
+      logits = jnp.stack([z[:, :m] @ w[...].astype(self.dtype)
+                          for m, w in zip(self.nesting.dims, self.kernels)])
+      bias = None if self.bias is None else self.bias[...].astype(self.dtype)[:, None, :]
+    return logits if bias is None else logits + bias
 
   def per_size_kernels(self) -> list[jax.Array]:
     """Classifier i as an [m_i, C] matrix (the layout of a plain Linear layer)."""
     if self.efficient:
       return [self.kernel[...][:m] for m in self.nesting.dims]
-    return [jnp.concatenate([self.kernels[j][...][:, i - j] for j in range(i + 1)], axis=0)
-            for i in range(self.nesting.num_sizes)]
+    return [w[...] for w in self.kernels]
 
   def set_per_size_kernels(self, kernels: Sequence[jax.Array]) -> None:
     """Inverse of `per_size_kernels` (for ``mrl_e``, pass the single [d, C] matrix)."""
     if self.efficient:
       (kernel,) = kernels
-      self.kernel[...] = jnp.asarray(kernel, self.kernel[...].dtype)
-      return
-    n = self.nesting.num_sizes
-    for j, (s, e) in enumerate(self.nesting.chunks):
-      stacked = jnp.stack([jnp.asarray(kernels[i])[s:e] for i in range(j, n)], axis=1)
-      self.kernels[j][...] = stacked.astype(self.kernels[j][...].dtype)
+      targets, kernels = [self.kernel], [kernel]
+    else:
+      targets = list(self.kernels)
+    if [tuple(k.shape) for k in kernels] != [t[...].shape for t in targets]:
+      raise ValueError(f"Head kernels have shapes {[tuple(k.shape) for k in kernels]}, "
+                       f"expected {[t[...].shape for t in targets]}.")
+    for target, kernel in zip(targets, kernels):
+      target[...] = jnp.asarray(kernel, target[...].dtype)
 
 
 def head_dims(kind: str, nesting_dims: Sequence[int], ff_dim: int | None,
