@@ -1,11 +1,11 @@
-"""Cost of the batched nested head against the naive per-size loop and a plain linear head.
+"""Cost of NestedHead against the naive per-size loop and a plain linear head.
 
     python benchmarks/nested_head.py [--dim 2048 --classes 1000 --batch 256 --repeats 20]
 
 For MRL and MRL-E at d=2048, 1000 classes (nesting 8..2048) it times a jitted
 forward + backward (gradients for weights and embedding) and gives each head's
 multiply-adds per example in the forward pass (analytic: sum(m)*C for MRL and
-for the naive MRL-E loop, d*C for the batched MRL-E and the plain head) next to
+for the naive MRL-E loop, d*C for NestedHead's MRL-E and the plain head) next to
 XLA's FLOP count of the compiled step (complete on CPU; on GPU XLA does not
 count cuBLAS calls, so there only the analytic count and the times mean much).
 Prints a table and writes JSON (--out).
@@ -60,7 +60,7 @@ def run(dim: int, classes: int, batch: int, repeats: int) -> dict:
   sum_m = sum(dims)
   for kind, efficient in (("mrl", False), ("mrl_e", True)):
     fn, params, head = head_fn(efficient)
-    batched = _measure(_step(fn), params, z, repeats, (dim if efficient else sum_m) * classes)
+    ours = _measure(_step(fn), params, z, repeats, (dim if efficient else sum_m) * classes)
     kernels = head.per_size_kernels()
     if efficient:  # The official loop slices the one shared matrix per size.
       naive_params = {"w": kernels[-1], "b": head.bias[...]}
@@ -70,19 +70,19 @@ def run(dim: int, classes: int, batch: int, repeats: int) -> dict:
       naive = lambda p, x: naive_nested_logits(x, p["w"], p["b"], dims)
     loop = _measure(_step(naive), naive_params, z, repeats, sum_m * classes)
     results[kind] = {
-        "nested_head": batched, "naive_loop": loop,
-        "time_ratio_naive_over_nested_head": loop["median_ms"] / batched["median_ms"],
+        "nested_head": ours, "naive_loop": loop,
+        "time_ratio_naive_over_nested_head": loop["median_ms"] / ours["median_ms"],
         "mac_ratio_naive_over_nested_head":
-            loop["forward_macs_per_example"] / batched["forward_macs_per_example"]}
+            loop["forward_macs_per_example"] / ours["forward_macs_per_example"]}
 
   plain_params = {"w": jnp.zeros((dim, classes)), "b": jnp.zeros((classes,))}
   plain = _measure(_step(lambda p, x: x @ p["w"] + p["b"]), plain_params, z, repeats,
                    dim * classes)
   results["plain_linear"] = plain
   for kind in ("mrl", "mrl_e"):
-    batched = results[kind]["nested_head"]
-    results[kind]["time_ratio_over_plain"] = batched["median_ms"] / plain["median_ms"]
-    results[kind]["mac_ratio_over_plain"] = (batched["forward_macs_per_example"]
+    ours = results[kind]["nested_head"]
+    results[kind]["time_ratio_over_plain"] = ours["median_ms"] / plain["median_ms"]
+    results[kind]["mac_ratio_over_plain"] = (ours["forward_macs_per_example"]
                                              / plain["forward_macs_per_example"])
   return results
 
@@ -107,7 +107,7 @@ def main() -> None:
           f"{r['xla_flops'] / 1e9:10.3f}")
   for kind in ("mrl", "mrl_e"):
     r = results[kind]
-    print(f"  {kind}: naive/nested_head time x{r["time_ratio_naive_over_nested_head"]:.2f}, "
+    print(f"  {kind}: naive/nested_head time x{r['time_ratio_naive_over_nested_head']:.2f}, "
           f"MACs x{r['mac_ratio_naive_over_nested_head']:.2f}; nested_head/plain time "
           f"x{r['time_ratio_over_plain']:.2f}, MACs x{r['mac_ratio_over_plain']:.2f}")
   if args.out:
