@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Devices: all of them on the data axis.
   config.mesh = dict(data=-1, fsdp=1, model=1)
-  config.sharding_rules = (("head/", ("model",)),)
+  config.sharding_rules = (("(^|/)head/", ("model",)),)
 
   # Logging and checkpoints.
   config.log_every_steps = 25

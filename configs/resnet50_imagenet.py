@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.grad_accum_steps = 1
 
   config.mesh = dict(data=-1, fsdp=1, model=1)
-  config.sharding_rules = (("head/", ("model",)),)
+  config.sharding_rules = (("(^|/)head/", ("model",)),)
 
   config.log_every_steps = 100
   config.eval_every_steps = 2502 * 5

@@ -7,8 +7,8 @@ The mesh has three axes, sized by `config.mesh` (data, fsdp, model; one may be
   * model: tensor parallelism; by default only the classes of the nested head
     shard over it (never the embedding dim that prefixes slice).
 The batch is split over (data, fsdp). Parameters follow `config.sharding_rules`,
-a list of (regex over the parameter path, spec) pairs where the spec names mesh
-axes for the *trailing* dims of matching parameters (e.g. ("head/.*", ("model",))
+a list of (regex searched in the parameter path, spec) pairs where the spec names mesh
+axes for the *trailing* dims of matching parameters (e.g. ("(^|/)head/", ("model",))
 shards the last dim over "model"); the first matching rule wins. Dims that no
 rule shards are FSDP-sharded: the largest dim divisible by the fsdp size.
 """
@@ -76,7 +76,7 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh,
   """The PartitionSpec for one parameter, per the module docstring."""
   spec: list[str | None] = [None] * len(shape)
   for pattern, trailing in rules:
-    if re.fullmatch(pattern, name):
+    if re.search(pattern, name):
       trailing = list(trailing)[-len(shape):] if shape else []
       for i, axis in enumerate(trailing, start=len(shape) - len(trailing)):
         if axis is not None and shape[i] % mesh.shape[axis] == 0:

@@ -25,7 +25,7 @@ from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, Throughput, format_eta
 from mrl_jax.nesting import Nesting
 
-DEFAULT_SHARDING_RULES = (("head/", ("model",)),)
+DEFAULT_SHARDING_RULES = (("(^|/)head/", ("model",)),)
 
 
 def host_values(tree: Any) -> Any:
