@@ -1,0 +1,1 @@
+"""Evaluation of nested embeddings: nearest neighbours, retrieval metrics, probes."""

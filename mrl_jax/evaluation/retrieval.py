@@ -1,0 +1,35 @@
+"""Retrieval metrics at k from ranked neighbour labels, with the official MRL definitions.
+
+For a query with label y and its top-k retrieved labels:
+  * precision@k = hits in the top k / k,
+  * recall@k    = hits in the top k / (number of database items with label y),
+    from the real class counts (the official code divides by a constant 1300),
+  * AP@k        = (sum of precision@i over the ranks i <= k that are hits) / k,
+    the official code's definition; mAP@k is its mean over queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def retrieval_metrics(neighbour_labels: np.ndarray, query_labels: np.ndarray,
+                      database_labels: np.ndarray, ks: Sequence[int] = (10, 25, 50, 100)
+                      ) -> dict[str, float]:
+  """{"map@k", "precision@k", "recall@k"} for every k in `ks` (k <= neighbours given)."""
+  if max(ks) > neighbour_labels.shape[1]:
+    raise ValueError(f"Need at least {max(ks)} neighbours per query, got {neighbour_labels.shape[1]}.")
+  hits = (neighbour_labels == query_labels[:, None]).astype(np.float64)
+  cumulative = np.cumsum(hits, axis=1)
+  ranks = np.arange(1, hits.shape[1] + 1)
+  precision_at_rank = cumulative / ranks
+  class_counts = np.bincount(database_labels, minlength=int(query_labels.max()) + 1)
+  relevant = np.maximum(class_counts[query_labels], 1)
+  out = {}
+  for k in ks:
+    out[f"precision@{k}"] = float(np.mean(cumulative[:, k - 1] / k))
+    out[f"recall@{k}"] = float(np.mean(cumulative[:, k - 1] / relevant))
+    out[f"map@{k}"] = float(np.mean((precision_at_rank[:, :k] * hits[:, :k]).sum(axis=1) / k))
+  return out
