@@ -45,14 +45,17 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self.every_steps > 0 and step % self.every_steps == 0
 
-  def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any]) -> None:
-    """Starts a save of `state` after `step` updates (returns before it is written)."""
+  def save(self, step: int, state: Any, data_iterator: Any | None, meta: dict[str, Any]) -> None:
+    """Starts a save of `state` after `step` updates (returns before it is written).
+
+    `data_iterator` None saves no input position (e.g. an imported checkpoint).
+    """
     if step in self._manager.all_steps():
       return
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def read_meta(self, step: int) -> dict[str, Any]:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

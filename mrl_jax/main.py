@@ -1,5 +1,9 @@
 """Entry point: `python -m mrl_jax.main --config configs/quickstart.py --workdir DIR`.
 
+`--mode=probe` restores the latest checkpoint in DIR and measures every nesting
+size (writes DIR/probe/); the model comes from DIR/config.json, the data and
+probe settings from --config.
+
 Any config field can be overridden with `--config.FIELD=VALUE`, and the config
 file takes arguments after a colon: `--config configs/resnet50_imagenet.py:runlocal`.
 """
@@ -11,25 +15,32 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mrl_jax import train
 from mrl_jax.checkpointing import CheckpointMismatchError
 from mrl_jax.config_errors import ConfigError
 from mrl_jax.data.sources import DatasetNotPreparedError
+from mrl_jax.evaluation import probe
+from mrl_jax.inference import CheckpointNotFoundError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summaries.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train"], "train: train (or resume) and evaluate.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "probe"],
+                          "train: train (or resume) and evaluate; probe: measure every size.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors a user can fix: one clear line, no traceback.
-USER_ERRORS = (ConfigError, CheckpointMismatchError, DatasetNotPreparedError)
+USER_ERRORS = (ConfigError, CheckpointMismatchError, DatasetNotPreparedError,
+               CheckpointNotFoundError)
 
 
 def main(argv: list[str]) -> None:
   del argv
-  from mrl_jax import train  # Imported here so `--help` stays fast.
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _MODE.value == "probe":
+      probe.run_probe(_WORKDIR.value, _CONFIG.value)
+    else:
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -4,7 +4,6 @@ optimizer -> update step -> checkpoint restore -> evaluation -> loop -> summary.
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from typing import Any
@@ -17,15 +16,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mrl_jax import losses, models, optim, sharding
+from mrl_jax import losses, sharding, train_state
 from mrl_jax.checkpointing import Checkpointer
 from mrl_jax.config_checks import check_config
 from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, Throughput, format_eta
 from mrl_jax.nesting import Nesting
-
-DEFAULT_SHARDING_RULES = (("(^|/)head/", ("model",)),)
-
 
 def host_values(tree: Any) -> Any:
   """Replicated device values as numpy on this process (works multi-process too)."""
@@ -44,12 +40,6 @@ def nested_loss(config: ml_collections.ConfigDict, logits: jax.Array, labels: ja
     return losses.nested_sigmoid_xent(logits, labels, weights, mask=mask)
   return losses.nested_softmax_xent(logits, labels, weights, mask=mask,
                                     label_smoothing=config.get("label_smoothing", 0.0))
-
-
-def checkpoint_meta(config: ml_collections.ConfigDict, nesting: Nesting, num_classes: int) -> dict:
-  """What a checkpoint's parameters depend on (checked when restoring)."""
-  return {"model": config.model.to_dict(), "head": config.head, "dims": list(nesting.dims),
-          "num_classes": int(num_classes), "head_bias": bool(config.get("head_bias", True))}
 
 
 class _PreemptionFlag:
@@ -83,14 +73,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          process_count=jax.process_count())
   dims = nesting.dims
   writer = MetricWriter(workdir)
-  steps_per_epoch = max(data_info.num_train_examples // config.batch_size, 1)
-  total_steps = int(config.get("total_steps") or math.ceil(config.total_epochs * steps_per_epoch))
+  # The config travels with the checkpoints: probing and inference rebuild the model from it.
+  writer.write_json("config.json", config.to_dict())
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
-  rules = tuple(config.get("sharding_rules") or DEFAULT_SHARDING_RULES)
   writer.console(f"Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} "
                  f"devices, {jax.process_count()} process(es).")
 
@@ -99,24 +88,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                             seed=config.seed)
 
   # ---------------------------------------------------------------- model & optimizer
-  def make_model() -> nnx.Module:
-    return models.build_model(config, num_classes=data_info.num_classes,
-                              in_channels=data_info.image_shape[-1], rngs=nnx.Rngs(config.seed))
-
-  graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
-  schedule = optim.build_schedule(config.schedule, config.lr, total_steps)
-  tx = optim.build_optimizer(config.optimizer, schedule, abstract_params)
-
-  def init_state() -> dict[str, Any]:
-    _, params, model_state = nnx.split(make_model(), nnx.Param, ...)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
-            "opt_state": tx.init(params)}
-
+  spec = train_state.state_spec(config, num_classes=data_info.num_classes,
+                                in_channels=data_info.image_shape[-1],
+                                num_train_examples=data_info.num_train_examples)
+  graphdef, tx, schedule, total_steps = spec.graphdef, spec.tx, spec.schedule, spec.total_steps
   # Parameters are never materialised unsharded: shapes -> shardings -> jitted init.
-  abstract_state = jax.eval_shape(init_state)
-  state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+  state_shardings = train_state.state_shardings(config, spec.abstract, mesh)
   writer.console(f"Model: {config.model.name} ({config.head} head, dims {list(dims)}), "
-                 f"{sum(x.size for x in jax.tree.leaves(abstract_params)):,} parameters.")
+                 f"{sum(x.size for x in jax.tree.leaves(spec.abstract['params'])):,} parameters.")
 
   # ---------------------------------------------------------------- update step
   weights = jnp.asarray(nesting.weights, jnp.float32)
@@ -191,15 +170,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointer = Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
                               keep=config.get("keep_checkpoints", 3),
                               async_save=config.get("async_checkpointing", True))
-  meta = checkpoint_meta(config, nesting, data_info.num_classes)
+  meta = train_state.checkpoint_meta(config, nesting, data_info.num_classes,
+                                     data_info.image_shape[-1])
   latest = checkpointer.latest_step()
   if latest is None:
-    state = jax.jit(init_state, out_shardings=state_shardings)()
+    state = jax.jit(spec.init, out_shardings=state_shardings)()
     first_step = 0
   else:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract_state, state_shardings)
-    state = checkpointer.restore(latest, abstract, train_iter, meta)
+    state = checkpointer.restore(
+        latest, train_state.restore_target(spec.abstract, state_shardings), train_iter, meta)
     first_step = int(host_values(state["step"]))
     writer.console(f"Resumed from {checkpointer.directory}/{latest} (step {first_step}).")
 

@@ -1,0 +1,110 @@
+"""Plots and a short Markdown report of a probe summary (for people; summary.json is for machines)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # Files only: no display on servers.
+import matplotlib.pyplot as plt  # noqa: E402
+
+METRICS = (("linear_top1", "Linear probe top-1"), ("knn1_top1", "1-NN top-1"),
+           ("map@10", "mAP@10"))
+BASELINES = (("", "MRL"), ("svd_", "SVD truncation"), ("random_", "random features"))
+
+
+def _plot_metric(summary: dict[str, Any], key: str, title: str, path: str) -> None:
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for prefix, label in BASELINES:
+    if prefix + key in summary:
+      ax.plot(summary["dims"], summary[prefix + key], marker="o", label=label)
+  if key == "linear_top1" and "head_top1" in summary:
+    ax.plot(summary["dims"], summary["head_top1"], marker="x", linestyle="--", label="nested head")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("representation size (dims)")
+  ax.set_ylabel(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _plot_cascade(adaptive: dict[str, Any], path: str) -> None:
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  curve = sorted(adaptive["curve"], key=lambda p: p["expected_dims"])
+  ax.plot([p["expected_dims"] for p in curve], [p["accuracy"] for p in curve], marker="o",
+          label="adaptive cascade")
+  ax.plot([p["dim"] for p in adaptive["fixed"]], [p["accuracy"] for p in adaptive["fixed"]],
+          marker="s", label="fixed size")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("expected dims per example")
+  ax.set_ylabel("top-1")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _plot_retrieval(funnel: dict[str, Any], path: str) -> None:
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for name, result in funnel.items():
+    if isinstance(result, dict) and "mflops" in result:
+      ax.scatter(result["mflops"], result["map@10"], label=name)
+  ax.set_xscale("log")
+  ax.set_xlabel("MFLOPs per query (multiply-adds)")
+  ax.set_ylabel("mAP@10")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _table(summary: dict[str, Any], keys: list[tuple[str, str]]) -> list[str]:
+  lines = ["| dims | " + " | ".join(title for _, title in keys) + " |",
+           "|" + "---|" * (len(keys) + 1)]
+  for i, m in enumerate(summary["dims"]):
+    cells = [f"{100 * summary[k][i]:.2f}" if k in summary else "-" for k, _ in keys]
+    lines.append(f"| {m} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def write_report(summary: dict[str, Any], out_dir: str) -> None:
+  """Writes the PNG plots and report.md into `out_dir`."""
+  images = []
+  for key, title in METRICS:
+    name = f"{key.replace('@', '_at_')}.png"
+    _plot_metric(summary, key, title, os.path.join(out_dir, name))
+    images.append((title, name))
+  _plot_cascade(summary["adaptive_classification"], os.path.join(out_dir, "cascade.png"))
+  _plot_retrieval(summary["funnel_retrieval"], os.path.join(out_dir, "retrieval.png"))
+  images += [("Adaptive classification", "cascade.png"), ("Retrieval cost", "retrieval.png")]
+
+  lines = [f"# Probe report (step {summary['step']}, {summary['head']} head)", "",
+           f"{summary['num_train']} train embeddings (database / probe training), "
+           f"{summary['num_test']} test queries. Numbers are percentages.", "",
+           "## Per size: MRL prefix", ""]
+  lines += _table(summary, [("linear_top1", "linear"), ("knn1_top1", "1-NN"),
+                            ("map@10", "mAP@10"), ("head_top1", "head")])
+  lines += ["", "## Per size: baselines from the same embeddings (1-NN / linear)", ""]
+  lines += _table(summary, [("svd_knn1_top1", "SVD 1-NN"), ("svd_linear_top1", "SVD linear"),
+                            ("random_knn1_top1", "random 1-NN"),
+                            ("random_linear_top1", "random linear")])
+  adaptive = summary["adaptive_classification"]
+  lines += ["", "## Adaptive classification", "",
+            f"Cascade at the full size's accuracy: {100 * adaptive['accuracy']:.2f}% with "
+            f"{adaptive['expected_dims']:.1f} expected dims; "
+            f"x smaller at equal accuracy: {adaptive['x_smaller_at_equal_accuracy']}.", ""]
+  lines += ["## Retrieval: single-shot vs adaptive vs funnel", "",
+            "| method | mAP@10 | top-1 | MFLOPs/query | wall s |", "|---|---|---|---|---|"]
+  for name, r in summary["funnel_retrieval"].items():
+    if isinstance(r, dict) and "mflops" in r:
+      lines.append(f"| {name} | {100 * r['map@10']:.2f} | {100 * r['top1']:.2f} | "
+                   f"{r['mflops']:.3f} | {r['seconds']:.3f} |")
+  lines += [""] + [f"![{title}]({name})" for title, name in images] + [""]
+  with open(os.path.join(out_dir, "report.md"), "w") as f:
+    f.write("\n".join(lines))

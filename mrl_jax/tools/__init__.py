@@ -1,0 +1,1 @@
+"""Command-line tools that work on workdirs (e.g. importing PyTorch checkpoints)."""

@@ -1,0 +1,105 @@
+"""Restoring a checkpoint for inference and probing it at every nesting size."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import subprocess_env
+from mrl_jax import inference, train
+from mrl_jax.data import pipeline
+from mrl_jax.evaluation import probe
+from mrl_jax.evaluation.linear_probe import linear_probe_top1
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(digits_data_dir, tmp_path_factory):
+  """A quickstart model trained for 40 steps on 8 CPU devices (data=4, model=2)."""
+  workdir = tmp_path_factory.mktemp("trained")
+  subprocess.run(
+      [sys.executable, "-m", "mrl_jax.main", f"--config={QUICKSTART}:runlocal",
+       f"--workdir={workdir}", f"--config.data.data_dir={digits_data_dir}",
+       "--config.total_steps=40", "--config.log_every_steps=40", "--config.mesh.data=4",
+       "--config.mesh.model=2", "--config.schedule.warmup_steps=5"],
+      check=True, cwd=ROOT, env=subprocess_env(8), timeout=600)
+  return str(workdir)
+
+
+def first_eval_batch(model):
+  return next(iter(pipeline.make_eval_batches(model.config.data, global_batch_size=120)))
+
+
+@pytest.mark.slow
+def test_load_restores_an_8_device_checkpoint_on_one_device(trained_workdir):
+  model = inference.load(trained_workdir)
+  assert model.step == 40 and model.dims == (2, 4, 8, 16, 32, 64)
+  images = first_eval_batch(model)["image"][:7]
+  z = model.embed(images)
+  assert z.shape == (7, 64)
+  np.testing.assert_allclose(model.embed(images, dim=8), z[:, :8], rtol=1e-5, atol=1e-6)
+  unit = model.embed(images, dim=4, normalize=True)
+  nonzero = np.linalg.norm(z[:, :4], axis=1) > 0  # a ReLU prefix can be all zeros: stays 0
+  assert nonzero.any()
+  np.testing.assert_allclose(np.linalg.norm(unit, axis=1)[nonzero], 1.0, rtol=1e-5)
+  np.testing.assert_allclose(unit[nonzero], z[nonzero, :4] / np.linalg.norm(
+      z[nonzero, :4], axis=1, keepdims=True), rtol=1e-5)
+  logits = model.nested_logits(images)
+  assert logits.shape == (6, 7, 10)
+  # The same rows whatever the batch they are run in (padding does not leak).
+  np.testing.assert_allclose(model.nested_logits(images[:3]), logits[:, :3], rtol=1e-4, atol=1e-4)
+
+
+def test_load_without_a_checkpoint_names_the_fix(tmp_path):
+  with pytest.raises(inference.CheckpointNotFoundError, match="not an mrl_jax workdir"):
+    inference.load(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_probe_writes_summary_plots_and_report(trained_workdir):
+  summary = probe.run_probe(trained_workdir)
+  dims = summary["dims"]
+  out = os.path.join(trained_workdir, "probe")
+  with open(os.path.join(out, "summary.json")) as f:
+    on_disk = json.load(f)
+  assert on_disk["dims"] == dims == [2, 4, 8, 16, 32, 64]
+  for key in ("linear_top1", "knn1_top1", "knn5_top1", "head_top1", "map@10", "recall@100",
+              "svd_knn1_top1", "random_knn1_top1", "svd_linear_top1", "random_linear_top1"):
+    assert len(on_disk[key]) == len(dims), key
+    assert all(0.0 <= v <= 1.0 for v in on_disk[key]), key
+  assert on_disk["num_train"] == 1437 and on_disk["num_test"] == 360
+  # The nested head's own top-1 agrees with inference.load's logits.
+  assert on_disk["head_top1"][-1] > 0.5
+  assert set(on_disk["adaptive_classification"]) >= {"curve", "fixed", "accuracy", "expected_dims"}
+  assert {"single_shot_full", "adaptive", "funnel"} <= set(on_disk["funnel_retrieval"])
+  for name in ("linear_top1.png", "knn1_top1.png", "map_at_10.png", "cascade.png",
+               "retrieval.png", "report.md"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  with open(os.path.join(out, "report.md")) as f:
+    report = f.read()
+  assert "| 64 |" in report and "Adaptive classification" in report
+
+
+def test_linear_probe_matches_sklearn_logistic_regression():
+  from sklearn.linear_model import LogisticRegression
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(4, 10)) * 0.7
+  y, yt = rng.integers(0, 4, 800), rng.integers(0, 4, 400)
+  x, xt = centers[y] + rng.normal(size=(800, 10)), centers[yt] + rng.normal(size=(400, 10))
+  ours = linear_probe_top1(x, y, xt, yt, 4, l2=1e-4, steps=100)
+  mean, std = x.mean(0), x.std(0)
+  reference = LogisticRegression(C=1 / (1e-4 * 800), max_iter=2000).fit((x - mean) / std, y)
+  assert ours == pytest.approx(reference.score((xt - mean) / std, yt), abs=0.01)
+  assert ours > 0.5  # far above chance (0.25)
+
+
+def test_svd_basis_is_ordered_by_variance():
+  rng = np.random.default_rng(1)
+  z = rng.normal(size=(500, 3)) * np.array([0.1, 5.0, 1.0])
+  _, basis = probe.svd_basis(z)
+  assert np.argmax(np.abs(basis[:, 0])) == 1 and np.argmax(np.abs(basis[:, 1])) == 2
