@@ -104,22 +104,34 @@ def single_shot(queries: np.ndarray, database: np.ndarray, dim: int | None = Non
 
 def funnel_retrieve(queries: np.ndarray, database: np.ndarray, *,
                     dims: Sequence[int | None] = (16, 32, 64, 128, 256, None),
-                    shortlists: Sequence[int] = (200, 100, 50, 25, 10), k: int = 10
-                    ) -> np.ndarray:
-  """Funnel retrieval (see module doc): database ids [Q, k]."""
+                    shortlists: Sequence[int] = (200, 100, 50, 25, 10), k: int = 10,
+                    index: Any | None = None) -> np.ndarray:
+  """Funnel retrieval (see module doc): database ids [Q, k].
+
+  `index` (an `ann.PrefixIndex` over the dims[0]-prefix) replaces the exact first
+  shortlist with an approximate one; later stages rerank exactly as before.
+  """
   dims, keeps = _stage_plan(dims, shortlists, k, np.shape(database)[1], len(database))
-  neighbours = single_shot(queries, database, dims[0], keeps[0])
+  if index is not None:
+    if index.dim != dims[0]:
+      raise ValueError(f"The index covers {index.dim} dims but the first stage uses {dims[0]}.")
+    neighbours = index.search(queries, keeps[0])
+  else:
+    neighbours = single_shot(queries, database, dims[0], keeps[0])
   for dim, keep in zip(dims[1:], keeps[1:]):
     neighbours = rerank(queries, database, neighbours, dim, keep)
   return neighbours[:, :k]
 
 
 def adaptive_retrieve(queries: np.ndarray, database: np.ndarray, *, shortlist_dim: int = 16,
-                      rerank_dim: int | None = None, shortlist_size: int = 200, k: int = 100
-                      ) -> np.ndarray:
-  """Shortlist `shortlist_size` with `shortlist_dim`, rerank with `rerank_dim`: ids [Q, k]."""
+                      rerank_dim: int | None = None, shortlist_size: int = 200, k: int = 100,
+                      index: Any | None = None) -> np.ndarray:
+  """Shortlist `shortlist_size` with `shortlist_dim`, rerank with `rerank_dim`: ids [Q, k].
+
+  With `index` (an `ann.PrefixIndex` over `shortlist_dim` dims) the shortlist is approximate.
+  """
   return funnel_retrieve(queries, database, dims=(shortlist_dim, rerank_dim),
-                         shortlists=(shortlist_size,), k=k)
+                         shortlists=(shortlist_size,), k=k, index=index)
 
 
 def single_shot_flops(num_database: int, dim: int) -> int:

@@ -2,6 +2,8 @@
 
 Memory stays at block x database_block distances: the database is scanned in
 chunks and a running top-k is merged, so no N x M distance matrix is built.
+With several devices the database rows are sharded over all of them: each
+device scans its shard, and the per-device top-k lists are gathered and merged.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -48,20 +51,59 @@ def _topk_one_query_block(queries: jax.Array, database: jax.Array, k: int,
   return dist, idx
 
 
+def _sharded_search_fn(num_devices: int, shard_rows: int, k: int, db_block: int):
+  """Per-device blocked top-k over a row shard, then a merge of the gathered lists."""
+  mesh = jax.make_mesh((num_devices,), ("db",), axis_types=(AxisType.Auto,))
+  local_k = min(k, shard_rows)
+
+  def local(queries, shard, valid):
+    offset = jax.lax.axis_index("db") * shard_rows
+    # Padding rows get an infinite norm so they never enter a top-k.
+    shard = jnp.where(valid[:, None], shard, jnp.inf)
+    dist, idx = _topk_one_query_block(queries, shard, local_k, db_block)
+    dist = jnp.where(jnp.isnan(dist), jnp.inf, dist)
+    return dist[None], (idx + offset)[None]
+
+  search = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("db"), P("db")),
+                         out_specs=(P("db"), P("db")), check_vma=False)
+
+  @jax.jit
+  def run(queries, shard, valid):
+    dist, idx = search(queries, shard, valid)          # [devices, Q, local_k]
+    dist = jnp.moveaxis(dist, 0, 1).reshape(queries.shape[0], -1)
+    idx = jnp.moveaxis(idx, 0, 1).reshape(queries.shape[0], -1)
+    # Merge: by distance, then by database index (smaller first) for ties.
+    order = jnp.lexsort((idx, dist), axis=-1)[:, :k]
+    return jnp.take_along_axis(dist, order, 1), jnp.take_along_axis(idx, order, 1)
+
+  return mesh, run
+
+
 def knn_search(queries: np.ndarray, database: np.ndarray, k: int, *, query_block: int = 1024,
-               db_block: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+               db_block: int = 8192, devices: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Exact k nearest database rows (squared L2) for every query: (distances, indices) [Q, k].
 
   Ties are broken towards the smaller database index. `k` may not exceed the database size.
+  `devices` (default: all local devices) is how many devices share the database rows.
   """
   if not 0 < k <= len(database):
     raise ValueError(f"k={k} must be in [1, {len(database)}] (the database size).")
+  num_devices = devices or jax.local_device_count()
   database = jnp.asarray(database, jnp.float32)
-  db_block = min(db_block, len(database))
+  if num_devices > 1:
+    shard_rows = -(-len(database) // num_devices)
+    pad = shard_rows * num_devices - len(database)
+    mesh, run = _sharded_search_fn(num_devices, shard_rows, k, min(db_block, shard_rows))
+    valid = jnp.arange(shard_rows * num_devices) < len(database)
+    database = jax.device_put(jnp.pad(database, ((0, pad), (0, 0))), NamedSharding(mesh, P("db")))
+    valid = jax.device_put(valid, NamedSharding(mesh, P("db")))
+    search = lambda q: run(q, database, valid)
+  else:
+    block = min(db_block, len(database))
+    search = lambda q: _topk_one_query_block(q, database, k, block)
   dists, idxs = [], []
   for start in range(0, len(queries), query_block):
-    q = jnp.asarray(queries[start:start + query_block], jnp.float32)
-    d, i = _topk_one_query_block(q, database, k, db_block)
+    d, i = search(jnp.asarray(queries[start:start + query_block], jnp.float32))
     dists.append(np.asarray(d))
     idxs.append(np.asarray(i))
   return np.concatenate(dists), np.concatenate(idxs)
