@@ -15,6 +15,18 @@ METRICS = (("linear_top1", "Linear probe top-1"), ("knn1_top1", "1-NN top-1"),
 BASELINES = (("", "MRL"), ("svd_", "SVD truncation"), ("random_", "random features"))
 
 
+def _finish(fig, ax, path: str, xlabel: str, ylabel: str, base: int) -> None:
+  """Log-scale x axis, labels, grid and legend; saves the PNG and frees the figure."""
+  ax.set_xscale("log", base=base)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def _plot_metric(summary: dict[str, Any], key: str, title: str, path: str) -> None:
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for prefix, label in BASELINES:
@@ -22,14 +34,7 @@ def _plot_metric(summary: dict[str, Any], key: str, title: str, path: str) -> No
       ax.plot(summary["dims"], summary[prefix + key], marker="o", label=label)
   if key == "linear_top1" and "head_top1" in summary:
     ax.plot(summary["dims"], summary["head_top1"], marker="x", linestyle="--", label="nested head")
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("representation size (dims)")
-  ax.set_ylabel(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _finish(fig, ax, path, "representation size (dims)", title, base=2)
 
 
 def _plot_cascade(adaptive: dict[str, Any], path: str) -> None:
@@ -39,14 +44,7 @@ def _plot_cascade(adaptive: dict[str, Any], path: str) -> None:
           label="adaptive cascade")
   ax.plot([p["dim"] for p in adaptive["fixed"]], [p["accuracy"] for p in adaptive["fixed"]],
           marker="s", label="fixed size")
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("expected dims per example")
-  ax.set_ylabel("top-1")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _finish(fig, ax, path, "expected dims per example", "top-1", base=2)
 
 
 def _plot_retrieval(funnel: dict[str, Any], path: str) -> None:
@@ -54,14 +52,7 @@ def _plot_retrieval(funnel: dict[str, Any], path: str) -> None:
   for name, result in funnel.items():
     if isinstance(result, dict) and "mflops" in result:
       ax.scatter(result["mflops"], result["map@10"], label=name)
-  ax.set_xscale("log")
-  ax.set_xlabel("MFLOPs per query (multiply-adds)")
-  ax.set_ylabel("mAP@10")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _finish(fig, ax, path, "MFLOPs per query (multiply-adds)", "mAP@10", base=10)
 
 
 def _table(summary: dict[str, Any], keys: list[tuple[str, str]]) -> list[str]:
