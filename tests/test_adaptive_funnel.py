@@ -232,3 +232,15 @@ def test_flop_formulas():
   flops = funnel.search_flops(m, 2048)
   assert flops == {"single_shot_full": m * 2048, "adaptive": m * 16 + 200 * 2048,
                    "funnel": m * 16 + 200 * 32 + 100 * 64 + 50 * 128 + 25 * 256 + 10 * 2048}
+
+
+def test_rerank_on_device_equals_host_rerank():
+  import jax.numpy as jnp
+  rng = np.random.default_rng(3)
+  database = rng.normal(size=(400, 32)).astype(np.float32)
+  queries = rng.normal(size=(25, 32)).astype(np.float32)
+  candidates = np.stack([rng.choice(400, size=40, replace=False) for _ in range(25)])
+  candidates[:, 1] = candidates[:, 0]  # an exact tie: the smaller id must come first
+  host = funnel.rerank(queries, database, candidates, 16, 10)
+  device = np.asarray(funnel.rerank(queries, jnp.asarray(database), candidates, 16, 10))
+  np.testing.assert_array_equal(device, host)

@@ -23,10 +23,13 @@ M*dims[0] + sum_{i>=1} shortlists[i-1]*dims[i].
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mrl_jax.evaluation.knn import knn_search, l2_normalize
@@ -75,6 +78,8 @@ def rerank(queries: np.ndarray, database: np.ndarray, candidates: np.ndarray, di
   B * S * dim <= block_elements, at least one query). Distances are the squared L2 between
   unit-normalised prefixes, as in `knn_search` (float32).
   """
+  if isinstance(database, jax.Array):  # Keep the database where it is: gather on device.
+    return _rerank_on_device(jnp.asarray(queries), database, jnp.asarray(candidates), dim, keep)
   candidates = np.asarray(candidates)
   num_queries, num_candidates = candidates.shape
   prefix = np.asarray(database)[:, :dim]
@@ -92,6 +97,17 @@ def rerank(queries: np.ndarray, database: np.ndarray, candidates: np.ndarray, di
     order = np.lexsort((cand, dist), axis=-1)[:, :keep]  # By distance, then database id.
     out[start:start + block] = np.take_along_axis(cand, order, axis=1)
   return out
+
+
+@functools.partial(jax.jit, static_argnames=("dim", "keep"))
+def _rerank_on_device(queries: jax.Array, database: jax.Array, candidates: jax.Array, dim: int,
+                      keep: int) -> jax.Array:
+  """`rerank` for a database already on the accelerator (same distances and tie order)."""
+  q = l2_normalize(queries[:, :dim].astype(jnp.float32))                    # [Q, dim]
+  c = l2_normalize(jnp.take(database[:, :dim], candidates, axis=0).astype(jnp.float32))
+  dist = (q * q).sum(-1)[:, None] - 2.0 * jnp.einsum("qsd,qd->qs", c, q) + (c * c).sum(-1)
+  order = jnp.lexsort((candidates, dist), axis=-1)[:, :keep]
+  return jnp.take_along_axis(candidates, order, axis=1)
 
 
 def single_shot(queries: np.ndarray, database: np.ndarray, dim: int | None = None, k: int = 10,
