@@ -60,10 +60,6 @@ class RestoredModel:
 
     self._forward = jax.jit(forward)
 
-  @property
-  def embedding_dim(self) -> int:
-    return int(self.dims[-1]) if self.config.head != "ff" else int(self.dims[0])
-
   def _run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings [N, d], logits [n, N, C]) in batches padded to a fixed shape."""
     images = np.asarray(images, np.float32)

@@ -105,11 +105,6 @@ class DataError(ValueError):
   """An example in the dataset does not match the dataset's declared features."""
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """A `data` section with every field at its default."""
-  return ml_collections.ConfigDict(dict(DEFAULTS))
-
-
 @dataclasses.dataclass(frozen=True)
 class DatasetSummary:
   num_classes: int
