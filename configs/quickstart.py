@@ -52,6 +52,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = dict(data=-1, fsdp=1, model=1)
   config.sharding_rules = (("(^|/)head/", ("model",)),)
 
+  # `--mode=probe`: the paper's SVD / random-feature baselines truncate a model
+  # trained without MRL; point baseline_workdir at a `--config.head=ff` run.
+  config.probe = dict(knn_k=5, baseline_workdir=config_dict.placeholder(str))
+
   # Logging and checkpoints.
   config.log_every_steps = 25
   config.eval_every_steps = 0

@@ -85,6 +85,30 @@ def test_probe_writes_summary_plots_and_report(trained_workdir):
   assert "| 64 |" in report and "Adaptive classification" in report
 
 
+@pytest.mark.slow
+def test_probe_baseline_truncates_the_other_models_embeddings(trained_workdir):
+  """With the run itself as its "baseline", the baseline SVD rows equal the same-run ones."""
+  config = inference.load(trained_workdir).config
+  config.probe = {"baseline_workdir": trained_workdir, "linear_steps": 20}
+  summary = probe.run_probe(trained_workdir, config, log=lambda _: None)
+  assert summary["baseline"]["embedding_dim"] == 64 and summary["baseline"]["step"] == 40
+  for key in ("svd_knn1_top1", "svd_linear_top1", "svd_map@10"):
+    np.testing.assert_allclose(summary["baseline_" + key], summary[key], rtol=1e-6)
+  assert len(summary["baseline_random_knn1_top1"]) == 6
+  with open(os.path.join(trained_workdir, "probe", "report.md")) as f:
+    assert "trained without MRL" in f.read()
+
+
+def test_truncation_rows_leave_sizes_beyond_the_embedding_empty():
+  rng = np.random.default_rng(0)
+  y = np.arange(40) % 4
+  z = rng.normal(size=(40, 8)) + 3 * np.eye(8)[y]
+  rows = probe.truncation_rows(z, y, z, y, [2, 8, 16], 4, dict(probe.DEFAULTS), rng,
+                               prefixes=("", "random_"))
+  assert rows["knn1_top1"][2] is None and rows["random_linear_top1"][2] is None
+  assert rows["knn1_top1"][1] == 1.0  # each query finds itself
+
+
 def test_linear_probe_matches_sklearn_logistic_regression():
   from sklearn.linear_model import LogisticRegression
   rng = np.random.default_rng(0)

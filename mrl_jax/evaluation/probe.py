@@ -8,11 +8,18 @@ same-run baselines: SVD truncation of the full embedding and random feature
 subsets. Then adaptive classification (a cascade over sizes) and adaptive /
 funnel retrieval. Writes WORKDIR/probe/{summary.json, report.md, *.png}.
 
+The paper's baselines truncate a model trained *without* MRL (SVD of the
+fixed-feature FF model's embedding, random features of it): set
+`config.probe.baseline_workdir` to such a run (e.g. the same config trained with
+`--config.head=ff`) and the probe adds `baseline_svd_*` and `baseline_random_*`
+rows computed on that model's embeddings of the same splits. The same-run
+`svd_*` / `random_*` rows truncate the MRL embedding itself.
+
 config.probe fields (all optional): knn_k (5), retrieval_ks ((10, 25, 50, 100)),
 linear_l2 (1e-4), linear_steps (100), holdout_fraction (0.5), seed (0),
 shortlist_dim (16), shortlist_size (200), funnel_dims ((16, 32, 64, 128, 256)),
 funnel_shortlists ((200, 100, 50, 25, 10)), train_split / test_split (default:
-config.data.train_split / eval_split), batch_size (256).
+config.data.train_split / eval_split), batch_size (256), baseline_workdir (None).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from mrl_jax.evaluation.report import write_report
 DEFAULTS = dict(knn_k=5, retrieval_ks=(10, 25, 50, 100), linear_l2=1e-4, linear_steps=100,
                 holdout_fraction=0.5, seed=0, shortlist_dim=16, shortlist_size=200,
                 funnel_dims=(16, 32, 64, 128, 256), funnel_shortlists=(200, 100, 50, 25, 10),
-                train_split=None, test_split=None, batch_size=256)
+                train_split=None, test_split=None, batch_size=256, baseline_workdir=None)
 
 
 def probe_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -82,6 +89,47 @@ def knn_metrics(train_x, train_y, test_x, test_y, num_classes, knn_k, ks) -> dic
   return out
 
 
+def truncation_rows(train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray,
+                    test_y: np.ndarray, dims: list[int], num_classes: int,
+                    settings: dict[str, Any], rng: np.random.Generator, *,
+                    prefixes: tuple[str, ...], key_prefix: str = "",
+                    log=print) -> dict[str, list[float | None]]:
+  """Per-size metrics of `dims`-dim truncations of one model's embeddings.
+
+  Prefix "" keeps the first m coordinates (the MRL prefix), "svd_" projects on
+  the top-m principal directions of the train embeddings, "random_" keeps m
+  random coordinates. Sizes above the embedding's dim get None.
+  """
+  full = train_z.shape[1]
+  mean, basis = svd_basis(train_z)
+  random_subsets = {m: np.sort(rng.choice(full, size=m, replace=False)) for m in dims if m <= full}
+  represent = {
+      "": lambda z, m: z[:, :m],
+      "svd_": lambda z, m: (z - mean) @ basis[:, :m],
+      "random_": lambda z, m: z[:, random_subsets[m]],
+  }
+  ks = tuple(settings["retrieval_ks"])
+  out: dict[str, list[float | None]] = {}
+  for prefix in prefixes:
+    rows = []
+    for m in dims:
+      if m > full:
+        rows.append(None)
+        continue
+      train_x, test_x = represent[prefix](train_z, m), represent[prefix](test_z, m)
+      row = knn_metrics(train_x, train_y, test_x, test_y, num_classes, settings["knn_k"], ks)
+      row["linear_top1"] = linear_probe_top1(train_x, train_y, test_x, test_y, num_classes,
+                                             l2=settings["linear_l2"],
+                                             steps=settings["linear_steps"])
+      rows.append(row)
+      log(f"  {key_prefix}{prefix or 'mrl_'}d={m}: linear {row['linear_top1']:.4f}, "
+          f"1-NN {row['knn1_top1']:.4f}")
+    keys = next(r for r in rows if r is not None)
+    for key in keys:
+      out[key_prefix + prefix + key] = [r[key] if r is not None else None for r in rows]
+  return out
+
+
 def run_probe(workdir: str, config: ml_collections.ConfigDict | None = None,
               log=print) -> dict[str, Any]:
   """Probes the latest checkpoint in `workdir`; `config` supplies data and probe settings."""
@@ -101,32 +149,24 @@ def run_probe(workdir: str, config: ml_collections.ConfigDict | None = None,
   log(f"Embedded {len(train_z)} train and {len(test_z)} test examples "
       f"({time.time() - start:.1f} s); probing {len(dims)} sizes.")
 
-  mean, basis = svd_basis(train_z)
-  rng = np.random.default_rng(settings["seed"])
-  full = train_z.shape[1]
-  representations = {
-      "": lambda z, m: z[:, :m],                               # the MRL prefix
-      "svd_": lambda z, m: (z - mean) @ basis[:, :m],          # SVD truncation
-  }
-  random_subsets = {m: np.sort(rng.choice(full, size=m, replace=False)) for m in dims}
-  representations["random_"] = lambda z, m: z[:, random_subsets[m]]
-
   summary: dict[str, Any] = {"dims": dims, "num_train": len(train_z), "num_test": len(test_z),
                              "head": model.config.head, "step": model.step}
-  ks = tuple(settings["retrieval_ks"])
-  for prefix, represent in representations.items():
-    rows = []
-    for m in dims:
-      train_x, test_x = represent(train_z, m), represent(test_z, m)
-      row = knn_metrics(train_x, train_y, test_x, test_y, num_classes, settings["knn_k"], ks)
-      row["linear_top1"] = linear_probe_top1(train_x, train_y, test_x, test_y, num_classes,
-                                             l2=settings["linear_l2"],
-                                             steps=settings["linear_steps"])
-      rows.append(row)
-      log(f"  {prefix or 'mrl_'}d={m}: linear {row['linear_top1']:.4f}, "
-          f"1-NN {row['knn1_top1']:.4f}")
-    for key in rows[0]:
-      summary[prefix + key] = [r[key] for r in rows]
+  rng = np.random.default_rng(settings["seed"])
+  summary.update(truncation_rows(train_z, train_y, test_z, test_y, dims, num_classes, settings,
+                                 rng, prefixes=("", "svd_", "random_"), log=log))
+  if settings["baseline_workdir"]:
+    base = inference.load(settings["baseline_workdir"])
+    base.batch_size = settings["batch_size"]
+    base_train_z, _, _ = embed_split(base, config.data, settings["train_split"],
+                                     settings["batch_size"])
+    base_test_z, _, _ = embed_split(base, config.data, settings["test_split"],
+                                    settings["batch_size"])
+    summary["baseline"] = {"workdir": os.path.abspath(settings["baseline_workdir"]),
+                           "head": base.config.head, "step": base.step,
+                           "embedding_dim": int(base_train_z.shape[1])}
+    summary.update(truncation_rows(base_train_z, train_y, base_test_z, test_y, dims,
+                                   num_classes, settings, rng, prefixes=("svd_", "random_"),
+                                   key_prefix="baseline_", log=log))
   summary["head_top1"] = [float(np.mean(np.argmax(lg, -1) == test_y)) for lg in test_logits]
 
   summary["adaptive_classification"] = adaptive.adaptive_classification(

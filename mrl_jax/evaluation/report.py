@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 METRICS = (("linear_top1", "Linear probe top-1"), ("knn1_top1", "1-NN top-1"),
            ("map@10", "mAP@10"))
-BASELINES = (("", "MRL"), ("svd_", "SVD truncation"), ("random_", "random features"))
+BASELINES = (("", "MRL"), ("svd_", "SVD of MRL's embedding"), ("random_", "random MRL features"),
+             ("baseline_svd_", "SVD of baseline"), ("baseline_random_", "random baseline features"))
 
 
 def _finish(fig, ax, path: str, xlabel: str, ylabel: str, base: int) -> None:
@@ -31,7 +32,8 @@ def _plot_metric(summary: dict[str, Any], key: str, title: str, path: str) -> No
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for prefix, label in BASELINES:
     if prefix + key in summary:
-      ax.plot(summary["dims"], summary[prefix + key], marker="o", label=label)
+      points = [(m, v) for m, v in zip(summary["dims"], summary[prefix + key]) if v is not None]
+      ax.plot(*zip(*points), marker="o", label=label)
   if key == "linear_top1" and "head_top1" in summary:
     ax.plot(summary["dims"], summary["head_top1"], marker="x", linestyle="--", label="nested head")
   _finish(fig, ax, path, "representation size (dims)", title, base=2)
@@ -59,7 +61,8 @@ def _table(summary: dict[str, Any], keys: list[tuple[str, str]]) -> list[str]:
   lines = ["| dims | " + " | ".join(title for _, title in keys) + " |",
            "|" + "---|" * (len(keys) + 1)]
   for i, m in enumerate(summary["dims"]):
-    cells = [f"{100 * summary[k][i]:.2f}" if k in summary else "-" for k, _ in keys]
+    cells = [f"{100 * summary[k][i]:.2f}" if summary.get(k) and summary[k][i] is not None
+             else "-" for k, _ in keys]
     lines.append(f"| {m} | " + " | ".join(cells) + " |")
   return lines
 
@@ -85,6 +88,14 @@ def write_report(summary: dict[str, Any], out_dir: str) -> None:
   lines += _table(summary, [("svd_knn1_top1", "SVD 1-NN"), ("svd_linear_top1", "SVD linear"),
                             ("random_knn1_top1", "random 1-NN"),
                             ("random_linear_top1", "random linear")])
+  if "baseline" in summary:
+    base = summary["baseline"]
+    lines += ["", f"## Per size: baselines truncating a model trained without MRL "
+              f"({base['head']} head, {base['embedding_dim']} dims, `{base['workdir']}`)", ""]
+    lines += _table(summary, [("baseline_svd_knn1_top1", "SVD 1-NN"),
+                              ("baseline_svd_linear_top1", "SVD linear"),
+                              ("baseline_random_knn1_top1", "random 1-NN"),
+                              ("baseline_random_linear_top1", "random linear")])
   adaptive = summary["adaptive_classification"]
   lines += ["", "## Adaptive classification", "",
             f"Cascade at the full size's accuracy: {100 * adaptive['accuracy']:.2f}% with "
