@@ -9,19 +9,15 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mrl_jax import losses, sharding, train_state
+from mrl_jax import sharding, train_state
 from mrl_jax.checkpointing import Checkpointer
 from mrl_jax.config_checks import check_config
 from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, Throughput, format_eta
-from mrl_jax.nesting import Nesting
+from mrl_jax.train_step import make_eval_step, make_train_step
 
 def host_values(tree: Any) -> Any:
   """Replicated device values as numpy on this process (works multi-process too)."""
@@ -30,16 +26,6 @@ def host_values(tree: Any) -> Any:
 
 def per_size_metrics(prefix: str, name: str, dims: tuple[int, ...], values: np.ndarray) -> dict:
   return {f"{prefix}/{name}_d{m}": float(v) for m, v in zip(dims, values)}
-
-
-def nested_loss(config: ml_collections.ConfigDict, logits: jax.Array, labels: jax.Array,
-                weights: jax.Array, mask: jax.Array | None = None):
-  if config.loss == "sigmoid":
-    if labels.ndim == 1:
-      labels = jax.nn.one_hot(labels, logits.shape[-1])
-    return losses.nested_sigmoid_xent(logits, labels, weights, mask=mask)
-  return losses.nested_softmax_xent(logits, labels, weights, mask=mask,
-                                    label_smoothing=config.get("label_smoothing", 0.0))
 
 
 class _PreemptionFlag:
@@ -78,8 +64,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-  replicated = sharding.replicated(mesh)
   writer.console(f"Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} "
                  f"devices, {jax.process_count()} process(es).")
 
@@ -91,70 +75,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   spec = train_state.state_spec(config, num_classes=data_info.num_classes,
                                 in_channels=data_info.image_shape[-1],
                                 num_train_examples=data_info.num_train_examples)
-  graphdef, tx, schedule, total_steps = spec.graphdef, spec.tx, spec.schedule, spec.total_steps
+  total_steps = spec.total_steps
   # Parameters are never materialised unsharded: shapes -> shardings -> jitted init.
   state_shardings = train_state.state_shardings(config, spec.abstract, mesh)
   writer.console(f"Model: {config.model.name} ({config.head} head, dims {list(dims)}), "
                  f"{sum(x.size for x in jax.tree.leaves(spec.abstract['params'])):,} parameters.")
 
   # ---------------------------------------------------------------- update step
-  weights = jnp.asarray(nesting.weights, jnp.float32)
-  accum = int(config.get("grad_accum_steps", 1))
-
-  def loss_and_aux(params, model_state, images, labels):
-    model = nnx.merge(graphdef, params, model_state, copy=True)
-    _, logits = model(images, train=True)
-    loss, per_size_loss = nested_loss(config, logits, labels, weights)
-    _, _, new_model_state = nnx.split(model, nnx.Param, ...)
-    return loss, (per_size_loss, losses.nested_top1(logits, labels), new_model_state)
-
-  grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
-
-  def train_step(state, batch):
-    params = state["params"]
-    if accum == 1:
-      (loss, (per_loss, top1, model_state)), grads = grad_fn(
-          params, state["model_state"], batch["image"], batch["label"])
-    else:
-      # Microbatch k takes rows k, k+accum, ...: every device keeps its own rows.
-      def split(x):
-        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(
-            x, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
-      micro = jax.tree.map(split, {"image": batch["image"], "label": batch["label"]})
-
-      def body(carry, mb):
-        model_state, grad_sum = carry
-        (loss, (per_loss, top1, model_state)), grads = grad_fn(
-            params, model_state, mb["image"], mb["label"])
-        return (model_state, jax.tree.map(jnp.add, grad_sum, grads)), (loss, per_loss, top1)
-
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      (model_state, grads), (loss, per_loss, top1) = jax.lax.scan(
-          body, (state["model_state"], zeros), micro)
-      grads = jax.tree.map(lambda g: g / accum, grads)
-      loss, per_loss, top1 = loss.mean(), per_loss.mean(0), top1.mean(0)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                 "model_state": model_state, "opt_state": opt_state}
-    metrics = {"loss": loss, "per_size_loss": per_loss, "per_size_top1": top1,
-               "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
-    return new_state, metrics
-
-  train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-
-  def eval_step(params, model_state, batch):
-    model = nnx.merge(graphdef, params, model_state, copy=True)
-    _, logits = model(batch["image"], train=False)
-    mask = batch["mask"]
-    _, per_loss = nested_loss(config, logits, batch["label"], weights, mask=mask)
-    correct = (losses.nested_correct(logits, batch["label"]) * mask).sum(axis=1)
-    return {"correct": correct, "loss_sum": per_loss * mask.sum(), "count": mask.sum()}
-
-  eval_step = jax.jit(eval_step, in_shardings=(state_shardings["params"],
-                                               state_shardings["model_state"], batch_sharding),
-                      out_shardings=replicated)
+  train_step = make_train_step(config, spec, mesh, state_shardings, nesting.weights)
+  eval_step = make_eval_step(config, spec, mesh, state_shardings, nesting.weights)
 
   def evaluate(state) -> dict[str, np.ndarray]:
     totals = None
