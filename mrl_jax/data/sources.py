@@ -7,12 +7,16 @@
 
 * Datasets are read from TFDS's array_record files in `data_dir` (None = TFDS's
   default, `$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
-* `mrl_digits` (scikit-learn's digits, see `digits.py`) is built there on first
-  use (about 0.4 s of writing; 2-3 s in a fresh process with the imports) and
-  then, being tiny, decoded once into memory. In a multi-process run process 0
-  builds it while the others wait at a barrier (once per process run); a
-  process that still finds nothing afterwards (a data_dir not shared between
-  hosts) builds its own identical copy.
+* The embedded datasets are built there on first use and then, being tiny,
+  decoded once into memory: `mrl_digits` (scikit-learn's digits, see
+  `digits.py`; about 0.4 s of writing, 2-3 s in a fresh process with the
+  imports) and `mrl_demo_corpus` (a multi-label corpus of 2x2 digit grids made
+  through `label_corpus.py`'s manifest builder; about a second). In a
+  multi-process run process 0 builds one while the others wait at a barrier
+  (once per process run); a process that still finds nothing afterwards (a
+  data_dir not shared between hosts) builds its own identical copy.
+* A corpus built with `label_corpus.py` (`python -m mrl_jax.tools.build_corpus`)
+  is read by its name from its files; its builder is not needed here.
 * Any other dataset must have been prepared beforehand, in array_record format;
   otherwise `DatasetNotPreparedError` says where it looked and the command to
   run. Names that TFDS does not know raise `UnknownDatasetError` (a subclass, so
@@ -32,7 +36,7 @@ from absl import logging
 import jax
 import tensorflow_datasets as tfds
 
-EMBEDDED_DATASETS = ("mrl_digits",)
+EMBEDDED_DATASETS = ("mrl_digits", "mrl_demo_corpus")
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -71,6 +75,11 @@ def _prepare_command(name: str, data_dir: str | None) -> str:
 
 
 def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  if name == "mrl_demo_corpus":
+    # Its builder class serves many corpora, so TFDS has no registry entry
+    # for it: it is created directly.
+    from mrl_jax.data import label_corpus  # pylint: disable=g-import-not-at-top
+    return label_corpus.MrlDemoCorpus(data_dir=data_dir)
   if name in EMBEDDED_DATASETS:
     from mrl_jax.data import digits  # pylint: disable=g-import-not-at-top,unused-import
   try:
@@ -81,7 +90,8 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
         f"there is no prepared dataset called so in data_dir "
         f"{data_dir or _default_data_dir()}. Use a name from `tfds.list_builders()` "
         f"(e.g. 'imagenet2012') or one of this package's own: "
-        f"{', '.join(EMBEDDED_DATASETS)}.") from e
+        f"{', '.join(EMBEDDED_DATASETS)}. A corpus of your own image files is "
+        f"built with `python -m mrl_jax.tools.build_corpus`.") from e
 
 
 def _build(builder: tfds.core.DatasetBuilder) -> None:
