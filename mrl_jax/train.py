@@ -17,7 +17,8 @@ from mrl_jax.checkpointing import Checkpointer
 from mrl_jax.config_checks import check_config
 from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, Throughput, format_eta
-from mrl_jax.train_step import make_eval_step, make_train_step
+from mrl_jax.evaluation import periodic
+from mrl_jax.train_step import make_embed_step, make_eval_step, make_train_step
 
 def host_values(tree: Any) -> Any:
   """Replicated device values as numpy on this process (works multi-process too)."""
@@ -84,6 +85,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------------------- update step
   train_step = make_train_step(config, spec, mesh, state_shardings, nesting.weights)
   eval_step = make_eval_step(config, spec, mesh, state_shardings, nesting.weights)
+  in_channels = data_info.image_shape[-1]
+  evaluators = periodic.build_evaluators(config, in_channels=in_channels)
+  embed_step = make_embed_step(spec, mesh, state_shardings)
+
+  def run_evaluators(state, step: int) -> dict[str, float]:
+    results = {}
+    for ev in evaluators:
+      if ev.due(step, total_steps):
+        embed = lambda batch: host_values(
+            embed_step(state["params"], state["model_state"], batch))
+        metrics = periodic.run_evaluator(ev, embed, mesh, dims, in_channels)
+        writer.write(step, metrics)
+        writer.console(f"step {step} | {ev.name}: 1-NN top-1 " + " ".join(
+            f"@{m}:{metrics[f'eval/{ev.name}/knn1_top1_d{m}']:.3f}" for m in dims))
+        results.update(metrics)
+    return results
 
   def evaluate(state) -> dict[str, np.ndarray]:
     totals = None
@@ -151,6 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           result = evaluate(state)
           writer.write(step, {**per_size_metrics("val", "top1", dims, result["top1"]),
                               **per_size_metrics("val", "loss", dims, result["loss"])})
+        if step != total_steps:
+          run_evaluators(state, step)
         if preemption.requested:
           writer.console(f"SIGTERM: saving a checkpoint at step {step} before exiting.")
           checkpointer.save(step, state, train_iter, meta)
@@ -176,6 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              "steps": step, "head": config.head, "model": config.model.name,
              "dataset": config.data.name, "eval_examples": result["count"],
              "train_seconds_this_run": round(time.time() - start_time, 1)}
+  summary["evaluators"] = run_evaluators(state, step)
   writer.write_json("summary.json", summary)
   writer.console(format_table(dims, result["top1"], config.data.name))
   writer.close()

@@ -103,15 +103,17 @@ def make_eval_step(config: ml_collections.ConfigDict, spec: StateSpec, mesh: Mes
 
 
 def make_embed_step(spec: StateSpec, mesh: Mesh, state_shardings: Any) -> Callable:
-  """jit(params, model_state, images) -> float32 embeddings [B, d], replicated.
+  """jit(params, model_state, batch) -> {"z" [B, d] float32, "label", "mask"}, replicated.
 
-  For evaluators that need the representation itself (k-NN, linear probes).
+  For evaluators that need the representation itself (k-NN, linear probes);
+  labels and mask come back replicated too, so every process sees the global batch.
   """
   graphdef = spec.graphdef
 
-  def embed_step(params, model_state, images):
+  def embed_step(params, model_state, batch):
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    return model.encoder(images, train=False).astype(jnp.float32)
+    z = model.encoder(batch["image"], train=False).astype(jnp.float32)
+    return {"z": z, "label": batch["label"], "mask": batch["mask"]}
 
   return jax.jit(embed_step, in_shardings=(state_shardings["params"],
                                            state_shardings["model_state"],
