@@ -121,3 +121,25 @@ def test_nesting_larger_than_embedding():
   with pytest.raises(ConfigError, match="embedding has only 32 dims"):
     Nesting.create((8, 64), embedding_dim=32)
   assert Nesting.create((8, 16, 32)).chunks == ((0, 8), (8, 16), (16, 32))
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+def test_class_padding_stores_whole_multiples_and_scores_only_real_classes(efficient):
+  dims, classes = (4, 8, 16), 13
+  padded = NestedHead(dims, classes, efficient=efficient, class_multiple=8, rngs=nnx.Rngs(0))
+  plain = NestedHead(dims, classes, efficient=efficient, rngs=nnx.Rngs(1))
+  kernels = [k[:, :classes] for k in padded.per_size_kernels()]
+  plain.set_per_size_kernels(kernels[-1:] if efficient else kernels)
+  plain.bias[...] = padded.bias[...][..., :classes]
+  assert all(k.shape[-1] == 16 for k in padded.per_size_kernels())
+  z = jax.random.normal(jax.random.key(2), (5, 16))
+  logits = padded(z)
+  assert logits.shape == (3, 5, classes)
+  np.testing.assert_allclose(logits, plain(z), rtol=1e-6, atol=1e-6)
+
+  graphdef, params = nnx.split(padded)
+  grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(z) ** 2))(params)
+  kernel_grads = [g for g in jax.tree.leaves(grads) if g.ndim == 2 and g.shape[0] in dims]
+  assert len(kernel_grads) == (1 if efficient else 3)
+  for g in kernel_grads:  # the stored padding columns are inert
+    assert np.all(np.asarray(g)[:, classes:] == 0) and np.any(np.asarray(g)[:, :classes] != 0)

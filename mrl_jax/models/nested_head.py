@@ -24,6 +24,13 @@ Cost (multiply-adds per example, the minimum for each kind):
     new rows. The naive loop re-multiplies the shared leading features for
     every size: sum(m) * C, about 2x for a doubling nesting list.
 No masked full-width copies are made for either kind.
+
+Class padding (`class_multiple`): a head over C classes whose class dim shards
+over the "model" mesh axis needs C divisible by that axis (JFT-300M's 18,291
+classes divide by no power of two). With `class_multiple=k` the parameters hold
+ceil(C / k) * k class columns, fixed by the config rather than the mesh so a
+checkpoint restores on any mesh, and the logits are cut back to the C real
+classes (the sliced columns never reach a loss, so they get no gradient).
 """
 
 from __future__ import annotations
@@ -46,9 +53,13 @@ class NestedHead(nnx.Module):
 
   def __init__(self, dims: Sequence[int], num_classes: int, *, efficient: bool = False,
                use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               class_multiple: int = 1, rngs: nnx.Rngs):
+    if class_multiple < 1:
+      raise ConfigError(f"config.head_class_multiple={class_multiple} must be >= 1.")
     self.nesting = Nesting.create(dims)
     self.num_classes = num_classes
+    stored_classes = -(-num_classes // class_multiple) * class_multiple
+    self.stored_classes = stored_classes
     self.efficient = efficient
     self.dtype = dtype
     n = self.nesting.num_sizes
@@ -56,15 +67,15 @@ class NestedHead(nnx.Module):
     if efficient:
       d = self.nesting.dims[-1]
       self.kernel = nnx.Param(
-          jax.random.normal(key, (d, num_classes), param_dtype) / np.sqrt(d))
-      self.bias = nnx.Param(jnp.zeros((num_classes,), param_dtype)) if use_bias else None
+          jax.random.normal(key, (d, stored_classes), param_dtype) / np.sqrt(d))
+      self.bias = nnx.Param(jnp.zeros((stored_classes,), param_dtype)) if use_bias else None
     else:
       # Each classifier gets LeCun-normal scale for its own fan-in m_i.
       keys = jax.random.split(key, n)
       self.kernels = nnx.List([
-          nnx.Param(jax.random.normal(k, (m, num_classes), param_dtype) / np.sqrt(m))
+          nnx.Param(jax.random.normal(k, (m, stored_classes), param_dtype) / np.sqrt(m))
           for k, m in zip(keys, self.nesting.dims)])
-      self.bias = nnx.Param(jnp.zeros((n, num_classes), param_dtype)) if use_bias else None
+      self.bias = nnx.Param(jnp.zeros((n, stored_classes), param_dtype)) if use_bias else None
 
   def __call__(self, z: jax.Array) -> jax.Array:
     z = z.astype(self.dtype)
@@ -85,7 +96,8 @@ class NestedHead(nnx.Module):
       logits = jnp.stack([z[:, :m] @ w[...].astype(self.dtype)
                           for m, w in zip(self.nesting.dims, self.kernels)])
       bias = None if self.bias is None else self.bias[...].astype(self.dtype)[:, None, :]
-    return logits if bias is None else logits + bias
+    logits = logits if bias is None else logits + bias
+    return logits[..., :self.num_classes] if self.stored_classes > self.num_classes else logits
 
   def per_size_kernels(self) -> list[jax.Array]:
     """Classifier i as an [m_i, C] matrix (the layout of a plain Linear layer)."""

@@ -1,0 +1,164 @@
+"""`--mode=compile_check`: compile the train step for the config's mesh, without data.
+
+Lowers the exact update step that training runs (train_step.make_train_step)
+on abstract inputs (shapes, dtypes and shardings only: nothing is allocated),
+compiles it with XLA for the devices present and reports per-device memory
+(parameters + optimizer state, XLA's argument / output / temporary buffers)
+and FLOPs. Run it before booking a pod: a config that does not fit fails here
+in minutes, on any machine. To check an N-device mesh on a CPU-only machine:
+
+  python -m mrl_jax.main --config configs/vit_jft.py --workdir /tmp/cc \
+      --mode=compile_check --cpu_devices=8
+
+The dataset need not be present: when it is not prepared, the class count
+comes from `config.num_classes`, images are `config.data.image_size` square
+with len(config.data.mean) channels, and labels are multi-hot when
+`config.loss == "sigmoid"`. Writes WORKDIR/compile_check.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mrl_jax import sharding, train_state
+from mrl_jax.config_checks import check_config
+from mrl_jax.config_errors import ConfigError
+from mrl_jax.data import pipeline
+from mrl_jax.data.sources import DatasetNotPreparedError
+from mrl_jax.train_step import make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  multilabel: bool
+  num_train_examples: int
+  source: str  # "dataset" or "config"
+
+
+def input_spec(config: ml_collections.ConfigDict) -> InputSpec:
+  """The batch layout: from the prepared dataset if there is one, else from the config."""
+  try:
+    info = pipeline.dataset_info(config.data)
+    return InputSpec(info.num_classes, info.image_shape, info.multilabel,
+                     info.num_train_examples, "dataset")
+  except DatasetNotPreparedError:
+    pass
+  num_classes = config.get("num_classes")
+  size = config.data.get("image_size")
+  if not num_classes or not size:
+    raise ConfigError(
+        f"Dataset {config.data.name!r} is not prepared here, so compile_check needs "
+        "config.num_classes and config.data.image_size to shape the batch: set them.")
+  channels = len(config.data.get("mean", (0.0, 0.0, 0.0)))
+  channels = channels if channels in (1, 3) else 3
+  return InputSpec(int(num_classes), (int(size), int(size), channels),
+                   config.get("loss") == "sigmoid", int(config.batch_size), "config")
+
+
+def _per_device_bytes(abstract: Any) -> int:
+  """Bytes one device holds of arrays with shardings (the largest shard of each)."""
+  total = 0
+  for x in jax.tree.leaves(abstract):
+    shard = x.sharding.shard_shape(x.shape)
+    total += int(np.prod(shard, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def _flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def compile_check(config: ml_collections.ConfigDict, workdir: str | None = None,
+                  log=print) -> dict[str, Any]:
+  """Compiles the update step for `config` on the present devices; returns the report."""
+  nesting = check_config(config, num_devices=jax.device_count(),
+                         process_count=jax.process_count())
+  inputs = input_spec(config)
+  mesh = sharding.make_mesh(config.mesh)
+  spec = train_state.state_spec(config, num_classes=inputs.num_classes,
+                                in_channels=inputs.image_shape[-1],
+                                num_train_examples=inputs.num_train_examples)
+  shardings = train_state.state_shardings(config, spec.abstract, mesh)
+  state = train_state.restore_target(spec.abstract, shardings)
+  batch_sharding = sharding.batch_sharding(mesh)
+  b = int(config.batch_size)
+  label_shape = (b, inputs.num_classes) if inputs.multilabel else (b,)
+  batch = {"image": jax.ShapeDtypeStruct((b, *inputs.image_shape), jnp.float32,
+                                         sharding=batch_sharding),
+           "label": jax.ShapeDtypeStruct(label_shape, jnp.int32, sharding=batch_sharding)}
+  step = make_train_step(config, spec, mesh, shardings, nesting.weights)
+
+  start = time.time()
+  lowered = step.lower(state, batch)
+  lower_seconds = time.time() - start
+  compiled = lowered.compile()
+  compile_seconds = time.time() - start - lower_seconds
+  memory = compiled.memory_analysis()
+  mib = lambda n: round(n / 2**20, 1)
+  params = spec.abstract["params"]
+  report: dict[str, Any] = {
+      "devices": jax.device_count(), "platform": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
+      "model": config.model.to_dict(), "head": config.head, "dims": list(nesting.dims),
+      "num_classes": inputs.num_classes, "input_from": inputs.source,
+      "global_batch": b, "image_shape": list(inputs.image_shape),
+      "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
+      "compute_dtype": config.get("compute_dtype", "float32"),
+      "grad_accum_steps": int(config.get("grad_accum_steps", 1)),
+      "lower_seconds": round(lower_seconds, 1), "compile_seconds": round(compile_seconds, 1),
+      "per_device_mib": {
+          "params": mib(_per_device_bytes(state["params"])),
+          "optimizer_state": mib(_per_device_bytes(state["opt_state"])),
+          "train_state": mib(_per_device_bytes(state)),
+      },
+      "flops_per_step_per_device": _flops(compiled),
+  }
+  if memory is not None:
+    report["per_device_mib"].update(
+        arguments=mib(memory.argument_size_in_bytes), outputs=mib(memory.output_size_in_bytes),
+        aliased=mib(memory.alias_size_in_bytes), temporaries=mib(memory.temp_size_in_bytes),
+        generated_code=mib(memory.generated_code_size_in_bytes))
+    # Donated state aliases its outputs, so arguments + outputs - aliased + temporaries
+    # bounds what one device holds while the step runs.
+    report["per_device_mib"]["peak_estimate"] = mib(
+        memory.argument_size_in_bytes + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  log(format_report(report))
+  if workdir and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "compile_check.json"), "w") as f:
+      json.dump(report, f, indent=2)
+  return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+  mem = report["per_device_mib"]
+  flops = report["flops_per_step_per_device"]
+  lines = [
+      f"compile_check: {report['model'].get('name')} {report['model'].get('variant', '')} "
+      f"({report['head']} head, {report['num_classes']} classes, dims {report['dims']}), "
+      f"{report['parameters']:,} parameters",
+      f"  mesh {report['mesh']} on {report['devices']} {report['platform']} devices "
+      f"({report['device_kind']}); global batch {report['global_batch']} x "
+      f"{report['image_shape']}, {report['compute_dtype']}, grad_accum "
+      f"{report['grad_accum_steps']}",
+      f"  lowered in {report['lower_seconds']} s, compiled in {report['compile_seconds']} s"
+      + (f"; {flops / 1e9:,.1f} GFLOP per step per device" if flops else ""),
+      "  per-device memory (MiB):",
+  ]
+  lines += [f"    {k:16s} {v:>12,.1f}" for k, v in mem.items()]
+  return "\n".join(lines)
