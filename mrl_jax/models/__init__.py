@@ -15,13 +15,14 @@ import ml_collections
 from flax import nnx
 
 from mrl_jax.config_errors import ConfigError
-from mrl_jax.models import resnet
+from mrl_jax.models import resnet, vit
 from mrl_jax.models.classifier import NestedClassifier
 from mrl_jax.models.nested_head import NestedHead, head_dims
 
 
 def _build_resnet(cfg: ml_collections.ConfigDict, in_channels: int, dtype: Any,
-                  rngs: nnx.Rngs) -> nnx.Module:
+                  rngs: nnx.Rngs, image_size: int | None = None) -> nnx.Module:
+  del image_size  # convolutions and global pooling take any resolution
   return resnet.ResNet(cfg.depth, in_channels=in_channels, width=cfg.get("width", 64),
                        small_images=cfg.get("small_images", False),
                        blurpool=cfg.get("blurpool", False),
@@ -33,8 +34,36 @@ def _resnet_dim(cfg: ml_collections.ConfigDict) -> int:
   return resnet.resnet_embedding_dim(cfg.depth, cfg.get("width", 64))
 
 
+def _build_vit(cfg: ml_collections.ConfigDict, in_channels: int, dtype: Any,
+               rngs: nnx.Rngs, image_size: int | None = None) -> nnx.Module:
+  # The position-embedding grid is sized for one resolution (other sizes are
+  # interpolated at call time): config.model.image_size, else the training size.
+  size = cfg.get("image_size") or image_size
+  if not size:
+    raise ConfigError("config.model.name='vit' needs an image size for its position "
+                      "embeddings: set config.data.image_size or config.model.image_size.")
+  return vit.ViT(cfg.get("variant", "B/16"), image_size=size, in_channels=in_channels,
+                 pool=cfg.get("pool", "token"),
+                 representation_size=cfg.get("representation_size"),
+                 dropout=cfg.get("dropout", 0.0), remat=cfg.get("remat", False),
+                 dtype=dtype, rngs=rngs, **_vit_overrides(cfg))
+
+
+def _vit_overrides(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """Optional config.model.{width,depth,mlp_dim,num_heads,patch} over the variant's."""
+  return {k: cfg[k] for k in vit.ARCH_FIELDS if cfg.get(k) is not None}
+
+
+def _vit_dim(cfg: ml_collections.ConfigDict) -> int:
+  return vit.vit_embedding_dim(cfg.get("variant", "B/16"), cfg.get("representation_size"),
+                               **_vit_overrides(cfg))
+
+
+# Builders are called as build(config.model, in_channels, dtype, rngs,
+# image_size=config.data.image_size or None).
 ENCODERS: dict[str, tuple[Callable[..., nnx.Module], Callable[..., int]]] = {
     "resnet": (_build_resnet, _resnet_dim),
+    "vit": (_build_vit, _vit_dim),
 }
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -75,7 +104,9 @@ def build_model(config: ml_collections.ConfigDict, *, num_classes: int, in_chann
                 rngs: nnx.Rngs) -> NestedClassifier:
   build_encoder, _ = _encoder_entry(config.model)
   dtype = compute_dtype(config)
-  encoder = build_encoder(config.model, in_channels, dtype, rngs)
+  data = config.get("data")
+  image_size = data.get("image_size") if data is not None else None
+  encoder = build_encoder(config.model, in_channels, dtype, rngs, image_size=image_size)
   head = NestedHead(nested_dims(config), num_classes, efficient=config.head == "mrl_e",
                     use_bias=config.get("head_bias", True), dtype=dtype, rngs=rngs)
   return NestedClassifier(encoder, head)
