@@ -11,10 +11,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mrl_jax import sharding, train_state
 from mrl_jax.checkpointing import Checkpointer
 from mrl_jax.config_checks import check_config
+from mrl_jax.config_errors import ConfigError
 from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, Throughput, format_eta
 from mrl_jax.evaluation import periodic
@@ -30,13 +32,28 @@ def per_size_metrics(prefix: str, name: str, dims: tuple[int, ...], values: np.n
 
 
 class _PreemptionFlag:
-  """Turns SIGTERM into a flag the loop checks between steps (save, then exit)."""
+  """SIGTERM asks the loop to save a checkpoint and exit between steps.
+
+  In one process a Python handler sets a flag. With several, JAX's preemption
+  service (started by jax.distributed.initialize) owns SIGTERM and makes all
+  processes agree on the step to stop after: a process stopping on its own
+  would leave the others waiting in the next step's collectives.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multiprocess = jax.process_count() > 1
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`; every process calls it after every step."""
+    if self._multiprocess:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __enter__(self):
+    if self._multiprocess:
+      return self  # A Python handler would replace JAX's.
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread (e.g. a notebook worker): no handler.
@@ -56,6 +73,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (or resumes) the configured MRL model; returns the summary it writes."""
   # ---------------------------------------------------------------- checks
   data_info = pipeline.dataset_info(config.data)
+  if config.get("num_classes") and config.num_classes != data_info.num_classes:
+    raise ConfigError(f"config.num_classes={config.num_classes} but {config.data.name!r} has "
+                      f"{data_info.num_classes} classes: set --config.num_classes="
+                      f"{data_info.num_classes} (or point config.data at the intended dataset).")
   nesting = check_config(config, num_devices=jax.device_count(),
                          process_count=jax.process_count())
   dims = nesting.dims
@@ -170,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               **per_size_metrics("val", "loss", dims, result["loss"])})
         if step != total_steps:
           run_evaluators(state, step)
-        if preemption.requested:
+        if preemption.reached(step):
           writer.console(f"SIGTERM: saving a checkpoint at step {step} before exiting.")
           checkpointer.save(step, state, train_iter, meta)
           preempted = True
@@ -197,13 +218,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              "train_seconds_this_run": round(time.time() - start_time, 1)}
   summary["evaluators"] = run_evaluators(state, step)
   writer.write_json("summary.json", summary)
-  writer.console(format_table(dims, result["top1"], config.data.name))
+  writer.console(format_table(dims, result["top1"], config.data.name, data_info.multilabel))
   writer.close()
   return summary
 
 
-def format_table(dims: tuple[int, ...], top1: np.ndarray, dataset: str) -> str:
-  lines = [f"Validation top-1 per nesting size ({dataset}):", "   dims | top-1 (%)",
+def format_table(dims: tuple[int, ...], top1: np.ndarray, dataset: str,
+                 multilabel: bool = False) -> str:
+  # Multi-label data: the top class counts as right if it is one of the labels.
+  name = "prec@1" if multilabel else "top-1"
+  lines = [f"Validation {name} per nesting size ({dataset}):", f"   dims | {name} (%)",
            "  ------+----------"]
   lines += [f"  {m:5d} | {100 * a:6.2f}" for m, a in zip(dims, top1)]
   return "\n".join(lines)

@@ -72,6 +72,9 @@ def restore_target(abstract: Any, shardings: Any) -> Any:
 def checkpoint_meta(config: ml_collections.ConfigDict, nesting: Nesting, num_classes: int,
                     in_channels: int = 3) -> dict:
   """What a checkpoint's parameters depend on (checked when restoring)."""
-  return {"model": config.model.to_dict(), "head": config.head, "dims": list(nesting.dims),
+  meta = {"model": config.model.to_dict(), "head": config.head, "dims": list(nesting.dims),
           "num_classes": int(num_classes), "in_channels": int(in_channels),
           "head_bias": bool(config.get("head_bias", True))}
+  if config.get("head_class_multiple", 1) != 1:  # Absent from older checkpoints: only when used.
+    meta["head_class_multiple"] = int(config.head_class_multiple)
+  return meta

@@ -16,7 +16,8 @@ size; a config asks for that (or any single-label split) with
 
 Each evaluator embeds its train split (the 1-NN database and the linear probe's
 training set) and its eval split with the current parameters, then scores every
-nesting size's unit-normalised prefix. Metrics: `eval/<name>/knn1_top1_d<m>`
+nesting size's unit-normalised prefix. An unset `data.data_dir` means
+config.data.data_dir. Metrics: `eval/<name>/knn1_top1_d<m>`
 and `eval/<name>/linear_top1_d<m>`. Grayscale evaluation images fed to an RGB
 model are repeated over the 3 channels.
 """
@@ -70,6 +71,10 @@ def build_evaluators(config: ml_collections.ConfigDict, *, in_channels: int) -> 
     if s["data"] is None:
       raise ConfigError(f"config.evaluators.{name}.data is missing: give a data config "
                         "(like config.data) naming a single-label dataset.")
+    data = ml_collections.ConfigDict(s["data"].to_dict())
+    if data.get("data_dir") is None:  # Unset: look where the training data lives.
+      data.data_dir = config.data.get("data_dir")
+    s["data"] = data
     info = pipeline.dataset_info(s["data"])
     if info.multilabel:
       raise ConfigError(f"config.evaluators.{name}: {s['data'].name!r} is multi-label; 1-NN "

@@ -108,5 +108,6 @@ def build_model(config: ml_collections.ConfigDict, *, num_classes: int, in_chann
   image_size = data.get("image_size") if data is not None else None
   encoder = build_encoder(config.model, in_channels, dtype, rngs, image_size=image_size)
   head = NestedHead(nested_dims(config), num_classes, efficient=config.head == "mrl_e",
-                    use_bias=config.get("head_bias", True), dtype=dtype, rngs=rngs)
+                    use_bias=config.get("head_bias", True), dtype=dtype,
+                    class_multiple=config.get("head_class_multiple", 1), rngs=rngs)
   return NestedClassifier(encoder, head)
