@@ -7,19 +7,83 @@ classes), checked on restore so a checkpoint from another setup is refused with
 a message instead of a shape error. Saves are asynchronous; Orbax writes into a
 temporary folder and renames it when complete, so a save killed midway is never
 picked up by `latest_step`.
+
+Every process takes part in every save and restore (Orbax synchronises them).
+A checkpoint restores on any process count and mesh: the state is resharded
+onto the target shardings, and the iterator state is stored once
+(`IteratorStateHandler`), not per process.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any
 
-import grain
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint in the workdir was written for a different model setup."""
+
+
+ITERATOR_STATE_FILE = "iterator_state.json"
+# What grain.checkpoint.CheckpointHandler wrote (one file per process) before
+# IteratorStateHandler existed; process 0's is read from such checkpoints.
+_GRAIN_PROCESS_0_FILES = "process_0-of-*.json"
+
+
+class IteratorStateHandler(ocp.CheckpointHandler):
+  """Saves a data iterator's JSON state once, so it restores on any process count.
+
+  Grain's own Orbax handler writes `process_{i}-of-{P}.json` per process and
+  restores only with the same P. The train iterator's state here,
+  {"next_index": step}, is the same on every process and means the same for
+  any process count (see data/pipeline.py), so process 0 writes it and every
+  process of any later run reads it. Orbax calls `save` on every process; the
+  others write nothing.
+  """
+
+  def save(self, directory: epath.Path, args: IteratorStateSave) -> None:
+    if jax.process_index() == 0:
+      (directory / ITERATOR_STATE_FILE).write_text(json.dumps(args.state))
+
+  def restore(self, directory: epath.Path,
+              args: IteratorStateRestore | None = None) -> dict[str, Any]:
+    """Returns the saved state; moves `args.iterator` (if any) to it in place."""
+    path = directory / ITERATOR_STATE_FILE
+    if not path.exists():
+      legacy = sorted(directory.glob(_GRAIN_PROCESS_0_FILES))
+      if not legacy:
+        raise FileNotFoundError(f"No {ITERATOR_STATE_FILE} (nor a Grain per-process state "
+                                f"file) in {directory}.")
+      path = legacy[0]
+    state = json.loads(path.read_text())
+    iterator = args.iterator if args is not None else None
+    if iterator is not None:
+      iterator.set_state(state)
+      # set_state stops Grain's background prefetch; restart it so the next
+      # batch is prepared while the rest of the checkpoint restores.
+      if hasattr(iterator, "start_prefetch"):
+        iterator.start_prefetch()
+    return state
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorStateSave(ocp.args.CheckpointArgs):
+  """`state`: the iterator's `get_state()`, taken when the save is requested."""
+  state: dict[str, Any]
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorStateRestore(ocp.args.CheckpointArgs):
+  """`iterator`: moved to the saved position in place (None: only read the state)."""
+  iterator: Any = None
 
 
 class Checkpointer:
@@ -35,7 +99,7 @@ class Checkpointer:
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
+            "data": IteratorStateHandler(),
             "meta": ocp.JsonCheckpointHandler(),
         })
 
@@ -54,7 +118,7 @@ class Checkpointer:
       return
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      items["data"] = IteratorStateSave(data_iterator.get_state())
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def read_meta(self, step: int) -> dict[str, Any]:
@@ -76,7 +140,7 @@ class Checkpointer:
           + "; ".join(diffs) + "). Use the config it was trained with, or a new --workdir.")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      items["data"] = IteratorStateRestore(data_iterator)
     return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def close(self) -> None:

@@ -6,6 +6,9 @@ probe settings from --config.
 
 Any config field can be overridden with `--config.FIELD=VALUE`, and the config
 file takes arguments after a colon: `--config configs/resnet50_imagenet.py:runlocal`.
+
+Multi-process (multi-host) runs start this same command once per process; the
+environment says which process it is (mrl_jax/distributed.py, launch/README.md).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mrl_jax import train
+from mrl_jax import distributed, train
 from mrl_jax.checkpointing import CheckpointMismatchError
 from mrl_jax.config_errors import ConfigError
 from mrl_jax.data.sources import DatasetNotPreparedError
@@ -31,12 +34,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors a user can fix: one clear line, no traceback.
 USER_ERRORS = (ConfigError, CheckpointMismatchError, DatasetNotPreparedError,
-               CheckpointNotFoundError)
+               CheckpointNotFoundError, distributed.DistributedConfigError)
 
 
 def main(argv: list[str]) -> None:
   del argv
   try:
+    # Before anything touches devices: in a multi-process run, jax.devices() is global.
+    distributed.initialize_from_env()
     if _MODE.value == "probe":
       probe.run_probe(_WORKDIR.value, _CONFIG.value)
     else:
