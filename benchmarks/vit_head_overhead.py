@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax import sharding, train_state
+from mrl_jax import models, sharding, train_state
 from mrl_jax.config_checks import check_config
 from mrl_jax.train_step import make_train_step
 
@@ -48,6 +48,8 @@ def vit_jft_config(variant: str, classes: int, batch: int, image: int, dtype: st
   config.compute_dtype = dtype
   config.mesh = dict(data=-1, fsdp=1, model=1)
   config.evaluators = {}
+  # Smaller variants embed into fewer dims (Ti: 192): keep the sizes that fit.
+  config.nesting.dims = tuple(m for m in config.nesting.dims if m <= models.embedding_dim(config))
   return config
 
 

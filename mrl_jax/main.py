@@ -2,7 +2,9 @@
 
 `--mode=probe` restores the latest checkpoint in DIR and measures every nesting
 size (writes DIR/probe/); the model comes from DIR/config.json, the data and
-probe settings from --config.
+probe settings from --config. `--mode=compile_check` compiles the train step
+for the config's mesh on abstract inputs and reports memory per device
+(DIR/compile_check.json); with `--cpu_devices=8` it checks an 8-device mesh on a CPU.
 
 Any config field can be overridden with `--config.FIELD=VALUE`, and the config
 file takes arguments after a colon: `--config configs/resnet50_imagenet.py:runlocal`.
@@ -16,9 +18,10 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
 
-from mrl_jax import distributed, train
+from mrl_jax import compile_check, distributed, train
 from mrl_jax.checkpointing import CheckpointMismatchError
 from mrl_jax.config_errors import ConfigError
 from mrl_jax.data.sources import DatasetNotPreparedError
@@ -28,8 +31,13 @@ from mrl_jax.inference import CheckpointNotFoundError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summaries.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "probe"],
-                          "train: train (or resume) and evaluate; probe: measure every size.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "probe", "compile_check"],
+                          "train: train (or resume) and evaluate; probe: measure every size; "
+                          "compile_check: compile the train step for the mesh and report "
+                          "memory per device, without data.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "Run on this many (fake) CPU devices, e.g. to compile_check an "
+    "8-device mesh on a laptop. Only for CPU runs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors a user can fix: one clear line, no traceback.
@@ -40,10 +48,16 @@ USER_ERRORS = (ConfigError, CheckpointMismatchError, DatasetNotPreparedError,
 def main(argv: list[str]) -> None:
   del argv
   try:
+    if _CPU_DEVICES.value:
+      # Must precede backend initialisation, which the first device query triggers.
+      jax.config.update("jax_platforms", "cpu")
+      jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
     # Before anything touches devices: in a multi-process run, jax.devices() is global.
     distributed.initialize_from_env()
     if _MODE.value == "probe":
       probe.run_probe(_WORKDIR.value, _CONFIG.value)
+    elif _MODE.value == "compile_check":
+      compile_check.compile_check(_CONFIG.value, _WORKDIR.value)
     else:
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except USER_ERRORS as e:
