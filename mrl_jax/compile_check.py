@@ -34,7 +34,7 @@ from mrl_jax.config_checks import check_config
 from mrl_jax.config_errors import ConfigError
 from mrl_jax.data import pipeline
 from mrl_jax.data.sources import DatasetNotPreparedError
-from mrl_jax.train_step import make_train_step
+from mrl_jax.train_step import abstract_batch, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +94,8 @@ def compile_check(config: ml_collections.ConfigDict, workdir: str | None = None,
                                 num_train_examples=inputs.num_train_examples)
   shardings = train_state.state_shardings(config, spec.abstract, mesh)
   state = train_state.restore_target(spec.abstract, shardings)
-  batch_sharding = sharding.batch_sharding(mesh)
   b = int(config.batch_size)
-  label_shape = (b, inputs.num_classes) if inputs.multilabel else (b,)
-  batch = {"image": jax.ShapeDtypeStruct((b, *inputs.image_shape), jnp.float32,
-                                         sharding=batch_sharding),
-           "label": jax.ShapeDtypeStruct(label_shape, jnp.int32, sharding=batch_sharding)}
+  batch = abstract_batch(mesh, b, inputs.image_shape, inputs.num_classes, inputs.multilabel)
   step = make_train_step(config, spec, mesh, shardings, nesting.weights)
 
   start = time.time()

@@ -42,7 +42,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors a user can fix: one clear line, no traceback.
 USER_ERRORS = (ConfigError, CheckpointMismatchError, DatasetNotPreparedError,
-               CheckpointNotFoundError, distributed.DistributedConfigError)
+               CheckpointNotFoundError, distributed.DistributedConfigError, train.NonFiniteError)
 
 
 def main(argv: list[str]) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 
 import jax
 
+from mrl_jax import perf
+
 
 def _plain(value: Any) -> Any:
   """JSON-friendly Python scalars (NaN/Inf kept as strings JSON can carry)."""
@@ -72,24 +74,47 @@ class MetricWriter:
 
 
 class Throughput:
-  """Steps/s, examples/s and ETA over the interval since the last report."""
+  """Steps/s, examples/s, ETA, data-wait vs compute time and MFU since the last report.
 
-  def __init__(self, first_step: int, total_steps: int, global_batch_size: int):
+  The loop reports the seconds it spent waiting for input with `add_data_wait`;
+  the rest of each interval is compute (and, where steps are dispatched
+  asynchronously, is only known at the report's own device sync).
+  """
+
+  def __init__(self, first_step: int, total_steps: int, global_batch_size: int, *,
+               flops_per_step: float | None = None):
     self.total_steps = total_steps
     self.global_batch_size = global_batch_size
-    self._step, self._time = first_step, time.perf_counter()
+    self.flops_per_step = flops_per_step
+    self._step, self._time, self._data_wait = first_step, time.perf_counter(), 0.0
+
+  def add_data_wait(self, seconds: float) -> None:
+    self._data_wait += seconds
 
   def report(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
-    steps_per_s = (step - self._step) / max(now - self._time, 1e-9)
-    self._step, self._time = step, now
+    steps = max(step - self._step, 1)
+    elapsed = max(now - self._time, 1e-9)
+    step_s, data_s = elapsed / steps, self._data_wait / steps
+    self._step, self._time, self._data_wait = step, now, 0.0
+    steps_per_s = 1.0 / step_s
     examples = steps_per_s * self.global_batch_size
-    return {
+    out = {
         "steps_per_s": steps_per_s,
         "examples_per_s": examples,
         "examples_per_s_per_device": examples / jax.device_count(),
-        "eta_s": (self.total_steps - step) / max(steps_per_s, 1e-9),
+        "eta_s": (self.total_steps - step) * step_s,
+        "step_ms": 1e3 * step_s,
+        "data_wait_ms": 1e3 * data_s,
+        "compute_ms": 1e3 * max(step_s - data_s, 0.0),
+        "data_wait_fraction": min(data_s / step_s, 1.0),
     }
+    if self.flops_per_step:
+      out["tflops_per_s_per_device"] = self.flops_per_step / step_s / jax.device_count() / 1e12
+      utilisation = perf.mfu(self.flops_per_step, step_s)
+      if utilisation is not None:
+        out["mfu"] = utilisation
+    return out
 
 
 def format_eta(seconds: float) -> str:

@@ -13,14 +13,14 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mrl_jax import sharding, train_state
+from mrl_jax import perf, sharding, train_state
 from mrl_jax.checkpointing import Checkpointer
 from mrl_jax.config_checks import check_config
 from mrl_jax.config_errors import ConfigError
 from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, Throughput, format_eta
 from mrl_jax.evaluation import periodic
-from mrl_jax.train_step import make_embed_step, make_eval_step, make_train_step
+from mrl_jax.train_step import abstract_batch, make_embed_step, make_eval_step, make_train_step
 
 def host_values(tree: Any) -> Any:
   """Replicated device values as numpy on this process (works multi-process too)."""
@@ -29,6 +29,62 @@ def host_values(tree: Any) -> Any:
 
 def per_size_metrics(prefix: str, name: str, dims: tuple[int, ...], values: np.ndarray) -> dict:
   return {f"{prefix}/{name}_d{m}": float(v) for m, v in zip(dims, values)}
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a NaN or Inf loss or gradient (and config.on_nonfinite says stop)."""
+
+
+NONFINITE_MODES = ("stop", "skip")
+
+
+class _NonFiniteGuard:
+  """Checks every step's `finite` flag, without a device sync per step.
+
+  The update step already drops non-finite updates (see train_step.py), so the
+  state stays clean; the flags are gathered here and read in one transfer at
+  log steps and before every checkpoint save, so no checkpoint follows an
+  unnoticed NaN. "stop" raises naming the step and the offending metric;
+  "skip" counts the dropped steps and stops once more than `max_skipped`.
+  """
+
+  def __init__(self, mode: str, max_skipped: int, dims: tuple[int, ...], console):
+    if mode not in NONFINITE_MODES:
+      raise ConfigError(f"config.on_nonfinite={mode!r}: use one of {NONFINITE_MODES}.")
+    self.mode, self.max_skipped, self.dims, self.console = mode, max_skipped, dims, console
+    self.skipped = 0
+    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self._pending.append((step, {k: metrics[k] for k in
+                                 ("finite", "loss", "grad_norm", "per_size_loss")}))
+
+  def check(self) -> None:
+    pending, self._pending = self._pending, []
+    if not pending:
+      return
+    flags = host_values([m["finite"] for _, m in pending])
+    for (step, metrics), ok in zip(pending, flags):
+      if ok:
+        continue
+      values = host_values(metrics)
+      if not np.isfinite(values["loss"]):
+        what = f"loss {values['loss']} (per-size losses " + ", ".join(
+            f"{m}: {v:.4g}" for m, v in zip(self.dims, values["per_size_loss"].tolist())) + ")"
+      else:
+        what = f"gradient norm {values['grad_norm']} (loss {values['loss']:.4g})"
+      if self.mode == "stop":
+        raise NonFiniteError(
+            f"Non-finite {what} at step {step}. The update was dropped and no checkpoint is "
+            "written after it. Lower config.lr, set config.optimizer.grad_clip_norm, or "
+            "set config.on_nonfinite='skip' to skip such steps.")
+      self.skipped += 1
+      self.console(f"step {step}: non-finite {what}; update skipped ({self.skipped} so far).")
+      if self.skipped > self.max_skipped:
+        raise NonFiniteError(
+            f"{self.skipped} steps had a non-finite loss or gradient (the last at step {step}), "
+            f"more than config.max_nonfinite_steps={self.max_skipped}: the run is diverging. "
+            "Lower config.lr or set config.optimizer.grad_clip_norm.")
 
 
 class _PreemptionFlag:
@@ -153,30 +209,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   wait_each_step = jax.default_backend() == "cpu"  # CPU collectives can hang otherwise.
   log_every = config.get("log_every_steps", 50)
   eval_every = config.get("eval_every_steps", 0)
-  throughput = Throughput(first_step, total_steps, config.batch_size)
+  flops = perf.step_flops(train_step.lower(state, abstract_batch(
+      mesh, config.batch_size, data_info.image_shape, data_info.num_classes,
+      data_info.multilabel)))
+  throughput = Throughput(first_step, total_steps, config.batch_size, flops_per_step=flops)
+  guard = _NonFiniteGuard(config.get("on_nonfinite", "stop"),
+                          int(config.get("max_nonfinite_steps", 100)), dims, writer.console)
   start_time = time.time()
   step = first_step
   preempted = False
   with _PreemptionFlag() as preemption:
     try:
       while step < total_steps:
-        batch = sharding.global_batch(next(train_iter), mesh)
-        state, metrics = train_step(state, batch)
+        wait_start = time.perf_counter()
+        local_batch = next(train_iter)
+        throughput.add_data_wait(time.perf_counter() - wait_start)
+        state, metrics = train_step(state, sharding.global_batch(local_batch, mesh))
         step += 1
+        guard.add(step, metrics)
         if wait_each_step:
           jax.block_until_ready(metrics["loss"])
         if step % log_every == 0 or step == total_steps or step == first_step + 1:
+          guard.check()
           values = host_values(metrics)
-          if not np.isfinite(values["loss"]):
-            raise FloatingPointError(
-                f"Non-finite training loss {values['loss']} at step {step} (per-size losses "
-                f"{dict(zip(dims, values['per_size_loss'].tolist()))}); no checkpoint is "
-                "written from this state. Lower config.lr or enable config.optimizer.grad_clip_norm.")
           speed = throughput.report(step)
           row = {"train/loss": float(values["loss"]), "train/lr": float(values["lr"]),
                  "train/grad_norm": float(values["grad_norm"]),
                  **per_size_metrics("train", "loss", dims, values["per_size_loss"]),
                  **per_size_metrics("train", "top1", dims, values["per_size_top1"]),
+                 "train/nonfinite_skipped_steps": guard.skipped,
                  **{f"perf/{k}": v for k, v in speed.items()}}
           writer.write(step, row)
           writer.console(
@@ -184,7 +245,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               + " ".join(f"@{m}:{a:.3f}" for m, a in zip(dims, values["per_size_top1"]))
               + f" | lr {values['lr']:.4g} | {speed['steps_per_s']:.2f} steps/s, "
               f"{speed['examples_per_s']:.0f} ex/s ({speed['examples_per_s_per_device']:.0f}/device)"
-              f" | ETA {format_eta(speed['eta_s'])}")
+              f", data wait {100 * speed['data_wait_fraction']:.0f}%"
+              + (f", MFU {100 * speed['mfu']:.1f}%" if "mfu" in speed else "")
+              + f" | ETA {format_eta(speed['eta_s'])}")
         if eval_every and step % eval_every == 0 and step != total_steps:
           result = evaluate(state)
           writer.write(step, {**per_size_metrics("val", "top1", dims, result["top1"]),
@@ -193,10 +256,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           run_evaluators(state, step)
         if preemption.reached(step):
           writer.console(f"SIGTERM: saving a checkpoint at step {step} before exiting.")
+          guard.check()
           checkpointer.save(step, state, train_iter, meta)
           preempted = True
           break
         if checkpointer.should_save(step) or step == total_steps:
+          guard.check()
           checkpointer.save(step, state, train_iter, meta)
     finally:
       checkpointer.close()

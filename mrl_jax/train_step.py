@@ -72,14 +72,31 @@ def make_train_step(config: ml_collections.ConfigDict, spec: StateSpec, mesh: Me
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss, per_loss, top1 = loss.mean(), per_loss.mean(0), top1.mean(0)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                 "model_state": model_state, "opt_state": opt_state}
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient never reaches the state: the update is
+    # dropped (the step counter still advances past the batch) and `finite`
+    # tells the loop, which stops or counts the skip (config.on_nonfinite).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = {"params": optax.apply_updates(params, updates), "model_state": model_state,
+               "opt_state": opt_state}
+    kept = {k: state[k] for k in updated}
+    new_state = {"step": state["step"] + 1,
+                 **jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)}
     metrics = {"loss": loss, "per_size_loss": per_loss, "per_size_top1": top1,
-               "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+               "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
     return new_state, metrics
 
   return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def abstract_batch(mesh: Mesh, batch_size: int, image_shape: tuple[int, int, int],
+                   num_classes: int, multilabel: bool) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes, dtypes and shardings of a global training batch (for lowering without data)."""
+  rows = sharding.batch_sharding(mesh)
+  label_shape = (batch_size, num_classes) if multilabel else (batch_size,)
+  return {"image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32, sharding=rows),
+          "label": jax.ShapeDtypeStruct(label_shape, jnp.int32, sharding=rows)}
 
 
 def make_eval_step(config: ml_collections.ConfigDict, spec: StateSpec, mesh: Mesh,
