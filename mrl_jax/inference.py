@@ -87,6 +87,16 @@ class RestoredModel:
       z = z[:, :dim]
     return np.asarray(l2_normalize(jnp.asarray(z))) if normalize else z
 
+  @property
+  def params(self) -> Any:
+    """The restored parameters (an NNX State: `encoder/...`, `head/...`)."""
+    return self._params
+
+  @property
+  def model_state(self) -> Any:
+    """Non-parameter state, e.g. BatchNorm statistics."""
+    return self._model_state
+
   def embed_and_logits(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return self._run(images)
 

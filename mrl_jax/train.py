@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mrl_jax import perf, sharding, train_state
+from mrl_jax import init_from, perf, sharding, train_state
 from mrl_jax.checkpointing import Checkpointer
 from mrl_jax.config_checks import check_config
 from mrl_jax.config_errors import ConfigError
@@ -137,8 +137,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          process_count=jax.process_count())
   dims = nesting.dims
   writer = MetricWriter(workdir)
-  # The config travels with the checkpoints: probing and inference rebuild the model from it.
-  writer.write_json("config.json", config.to_dict())
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -198,12 +196,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   latest = checkpointer.latest_step()
   if latest is None:
     state = jax.jit(spec.init, out_shardings=state_shardings)()
+    if (config.get("init_from") or {}).get("workdir"):
+      state = init_from.load_pretrained(state, config.init_from, log=writer.console)
     first_step = 0
   else:
     state = checkpointer.restore(
         latest, train_state.restore_target(spec.abstract, state_shardings), train_iter, meta)
     first_step = int(host_values(state["step"]))
     writer.console(f"Resumed from {checkpointer.directory}/{latest} (step {first_step}).")
+  # The config travels with the checkpoints: probing and inference rebuild the model
+  # from it. Written only now, so a run refused by the checkpoint leaves it as it was.
+  writer.write_json("config.json", config.to_dict())
 
   # ---------------------------------------------------------------- train loop
   wait_each_step = jax.default_backend() == "cpu"  # CPU collectives can hang otherwise.
@@ -237,6 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  "train/grad_norm": float(values["grad_norm"]),
                  **per_size_metrics("train", "loss", dims, values["per_size_loss"]),
                  **per_size_metrics("train", "top1", dims, values["per_size_top1"]),
+                 **pipeline.data_metrics(train_iter),
                  "train/nonfinite_skipped_steps": guard.skipped,
                  **{f"perf/{k}": v for k, v in speed.items()}}
           writer.write(step, row)

@@ -33,6 +33,7 @@ PartitionSpec, without reshaping a fused [d, 3d] matrix.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -146,6 +147,21 @@ def resize_posemb_grid(grid: jax.Array, new_hw: tuple[int, int]) -> jax.Array:
   out = jax.image.resize(grid.astype(jnp.float32), (*new_hw, grid.shape[-1]),
                          method="bilinear")
   return out.astype(grid.dtype)
+
+
+def resize_pos_embedding(pos: jax.Array, num_tokens: int) -> jax.Array:
+  """A [1, n, d] position embedding (square grid, maybe a class-token row) resized to
+  `num_tokens` rows: how pre-trained ViTs are fine-tuned at another resolution."""
+  n, d = pos.shape[1], pos.shape[2]
+  if n == num_tokens:
+    return pos
+  n_cls = n - math.isqrt(n) ** 2  # 1 with a class token: n = 1 + g*g
+  side, new_side = math.isqrt(n - n_cls), math.isqrt(num_tokens - n_cls)
+  if side * side != n - n_cls or new_side * new_side != num_tokens - n_cls or n_cls > 1:
+    raise ValueError(f"Cannot resize a position embedding of {n} tokens to {num_tokens}: "
+                     "both must be a square grid (plus the same class-token row).")
+  grid = resize_posemb_grid(pos[0, n_cls:].reshape(side, side, d), (new_side, new_side))
+  return jnp.concatenate([pos[:, :n_cls], grid.reshape(1, -1, d)], axis=1)
 
 
 class Attention(nnx.Module):
