@@ -25,7 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       image_size=16, train_augment="random_resized_crop", crop_scale=(0.6, 1.0),
       flip=False,  # Mirrored digits are other symbols.
       eval_crop_fraction=1.0, mean=(0.5,), std=(0.5,), worker_count=0, prefetch=2,
-      mock_examples=0)
+      mock_examples=0,
+      on_bad_example="stop")  # "skip": leave undecodable or mislabelled examples out.
 
   # Model: embedding_dim = 512 * width / 64 = 128.
   config.model = dict(name="resnet", depth=18, width=16, small_images=True, blurpool=False)

@@ -28,7 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       image_size=176, train_augment="random_resized_crop", crop_scale=(0.08, 1.0), flip=True,
       eval_image_size=224, eval_crop_fraction=224 / 256,
       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-      worker_count=8, prefetch=4, mock_examples=0)
+      worker_count=8, prefetch=4, mock_examples=0,
+      on_bad_example="stop")  # "skip": leave undecodable or mislabelled examples out.
 
   config.model = dict(name="resnet", depth=arg.depth, width=64, small_images=False,
                       blurpool=True, zero_init_residual=False)

@@ -37,7 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eval_split="validation", label_key="labels", image_size=224,
       train_augment="random_resized_crop", crop_scale=(0.05, 1.0), flip=True,
       eval_crop_fraction=0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),  # pixels to [-1, 1]
-      worker_count=16, prefetch=4, mock_examples=0)
+      worker_count=16, prefetch=4, mock_examples=0,
+      on_bad_example="stop")  # "skip": leave undecodable or mislabelled examples out.
   # JFT-300M's label space; checked against the dataset, and what compile_check
   # shapes the head with when the data is not on this machine.
   config.num_classes = arg.num_classes

@@ -5,8 +5,16 @@ train state, `data` the input iterator's state (so a resumed run reads exactly
 the next batch), `meta` what the state was built for (model, head, sizes,
 classes), checked on restore so a checkpoint from another setup is refused with
 a message instead of a shape error. Saves are asynchronous; Orbax writes into a
-temporary folder and renames it when complete, so a save killed midway is never
-picked up by `latest_step`.
+temporary folder (`<step>.orbax-checkpoint-tmp`), puts a commit marker
+(`commit_success.txt`) in it and renames it when complete, so a save killed
+midway is never picked up by `latest_step`.
+
+Orbax itself, on a local filesystem, trusts any folder named like a step. So
+`latest_step` also requires the commit marker: a step folder without one (a
+copy or sync interrupted midway, a save on a filesystem without atomic
+renames) is ignored, and before this process's first save it is renamed
+`<step>.incomplete` (kept for inspection, never read) so that the step can be
+written again and does not count towards `keep`.
 
 Every process takes part in every save and restore (Orbax synchronises them).
 A checkpoint restores on any process count and mesh: the state is resharded
@@ -21,6 +29,7 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -31,6 +40,9 @@ class CheckpointMismatchError(ValueError):
 
 
 ITERATOR_STATE_FILE = "iterator_state.json"
+# What Orbax writes into a step folder as the last thing before committing it.
+COMMIT_MARKER = "commit_success.txt"
+INCOMPLETE_SUFFIX = ".incomplete"
 # What grain.checkpoint.CheckpointHandler wrote (one file per process) before
 # IteratorStateHandler existed; process 0's is read from such checkpoints.
 _GRAIN_PROCESS_0_FILES = "process_0-of-*.json"
@@ -86,6 +98,23 @@ class IteratorStateRestore(ocp.args.CheckpointArgs):
   iterator: Any = None
 
 
+def _differences(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
+  """One "field: checkpoint has X, config has Y" per field where `saved` differs from `wanted`.
+
+  Nested dicts are compared field by field, so the message names e.g.
+  `model.depth` rather than printing both model configs.
+  """
+  out = []
+  for key, value in wanted.items():
+    old = saved.get(key)
+    value = json.loads(json.dumps(value))  # Tuples as the JSON on disk has them: lists.
+    if isinstance(value, dict) and isinstance(old, dict):
+      out += _differences(old, value, f"{prefix}{key}.")
+    elif old != value:
+      out.append(f"{prefix}{key}: checkpoint has {old!r}, config has {value!r}")
+  return out
+
+
 class Checkpointer:
   """Saves every `every_steps` (and when forced), keeps the newest `keep`."""
 
@@ -102,9 +131,39 @@ class Checkpointer:
             "data": IteratorStateHandler(),
             "meta": ocp.JsonCheckpointHandler(),
         })
+    self._incomplete_set_aside = False
+
+  def is_complete(self, step: int) -> bool:
+    """Whether the folder of `step` holds a committed checkpoint (see module doc)."""
+    return (epath.Path(self.directory) / str(step) / COMMIT_MARKER).exists()
 
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    """The newest complete checkpoint's step (None if there is none)."""
+    complete = [step for step in self._manager.all_steps() if self.is_complete(step)]
+    return max(complete, default=None)
+
+  def _set_aside_incomplete(self) -> None:
+    """Renames step folders without a commit marker to `<step>.incomplete` (once)."""
+    if self._incomplete_set_aside:
+      return
+    self._incomplete_set_aside = True
+    incomplete = [step for step in self._manager.all_steps() if not self.is_complete(step)]
+    if not incomplete:
+      return
+    if jax.process_index() == 0:
+      for step in incomplete:
+        folder = epath.Path(self.directory) / str(step)
+        target = folder.parent / f"{step}{INCOMPLETE_SUFFIX}"
+        k = 1
+        while target.exists():
+          target, k = folder.parent / f"{step}{INCOMPLETE_SUFFIX}.{k}", k + 1
+        logging.warning("Checkpoint folder %s has no %s: it was never completed; renamed to "
+                        "%s and ignored.", folder, COMMIT_MARKER, target.name)
+        folder.rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("mrl_jax_checkpoint_set_aside_incomplete")
+    self._manager.reload()
 
   def should_save(self, step: int) -> bool:
     return self.every_steps > 0 and step % self.every_steps == 0
@@ -114,6 +173,7 @@ class Checkpointer:
 
     `data_iterator` None saves no input position (e.g. an imported checkpoint).
     """
+    self._set_aside_incomplete()
     if step in self._manager.all_steps():
       return
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
@@ -131,9 +191,7 @@ class Checkpointer:
     `data_iterator` is moved to the saved position in place; pass None to
     restore only the state (e.g. for probing).
     """
-    saved = self.read_meta(step)
-    diffs = [f"{k}: checkpoint has {saved.get(k)!r}, config has {v!r}"
-             for k, v in meta.items() if saved.get(k) != v]
+    diffs = _differences(self.read_meta(step), meta)
     if diffs:
       raise CheckpointMismatchError(
           f"The checkpoint at {self.directory}/{step} was written for a different setup ("

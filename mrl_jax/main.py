@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from mrl_jax import compile_check, distributed, train
 from mrl_jax.checkpointing import CheckpointMismatchError
 from mrl_jax.config_errors import ConfigError
+from mrl_jax.data.pipeline import DataError
 from mrl_jax.data.sources import DatasetNotPreparedError
 from mrl_jax.evaluation import probe
 from mrl_jax.inference import CheckpointNotFoundError
@@ -42,7 +43,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors a user can fix: one clear line, no traceback.
 USER_ERRORS = (ConfigError, CheckpointMismatchError, DatasetNotPreparedError,
-               CheckpointNotFoundError, distributed.DistributedConfigError, train.NonFiniteError)
+               CheckpointNotFoundError, distributed.DistributedConfigError, train.NonFiniteError,
+               DataError)
 
 
 def main(argv: list[str]) -> None:

@@ -46,6 +46,11 @@ unknown field is a ConfigError, so typos do not go unnoticed):
   label_key           Label feature name (a ClassLabel, or a Sequence of
                       ClassLabel for multi-label data). Default "label".
   shuffle_buffer      Accepted and ignored: training shuffles globally.
+  on_bad_example      An example that cannot be read or decoded, or whose image
+                      shape/dtype or label does not match the dataset's
+                      features: "stop" raises DataError naming the dataset,
+                      split and example index; "skip" leaves it out (see "Bad
+                      examples" below). Default "stop".
 
 Batches are dicts of numpy arrays: "image" float32 [local_B, H, W, C] (C as
 stored: 1 for grayscale), "label" int32 [local_B] (multi-label datasets:
@@ -57,6 +62,19 @@ p, p + P, p + 2P, ... Augmentation randomness is seeded per example position.
 So at every step the P local batches, concatenated in process order, are
 exactly the global batch a 1-process run reads at that step, and an iterator's
 state ({"next_index": step}) means the same thing for any process count.
+
+Bad examples with on_bad_example="skip": each is logged once per process with
+its index. In training, the slot of a bad example takes the next good example
+of the same epoch's order (wrapping around), so batches keep their size and
+what fills a slot depends on its position only: a resumed run, and any process
+count, read exactly the batches an uninterrupted 1-process run reads. (A Grain
+filter would instead shift every later position by the number dropped before
+it, which a process cannot know without reading the other processes'
+examples.) The filling example is seen twice in that epoch. `data_metrics`
+reports how many were left out of the batches read. In evaluation a bad
+example becomes a masked row (mask 0), so it is not counted at all. If
+MAX_CONSECUTIVE_BAD examples in a row are bad (or every example of a smaller
+split), DataError says the data is broken instead of searching on.
 """
 
 from __future__ import annotations
@@ -67,6 +85,7 @@ import math
 from typing import Any, Iterator
 import weakref
 
+from absl import logging
 import grain
 import jax
 import ml_collections
@@ -97,8 +116,16 @@ DEFAULTS: dict[str, Any] = dict(
     image_key="image",
     label_key="label",
     shuffle_buffer=None,
+    on_bad_example="stop",
 )
 TRAIN_AUGMENTS = ("random_resized_crop", "resize")
+ON_BAD_EXAMPLE = ("stop", "skip")
+# "skip" looks this far ahead in the shuffled order for a good example; more
+# bad ones in a row means broken data (a wrong path, a corrupt file), not a few
+# bad images, and searching a large split for the rare good one would only hide it.
+MAX_CONSECUTIVE_BAD = 1000
+_FIX = ('Repair or remove the example, or set data.on_bad_example="skip" to leave bad '
+        'examples out.')
 
 
 class DataError(ValueError):
@@ -128,6 +155,8 @@ def _settings(cfg) -> dict[str, Any]:
                       f"{sorted(DEFAULTS)} (see mrl_jax/data/pipeline.py).")
   s = dict(DEFAULTS)
   s.update({k: v for k, v in given.items()})
+  if s["on_bad_example"] not in ON_BAD_EXAMPLE:
+    raise ConfigError(f"data.on_bad_example={s['on_bad_example']!r}: use one of {ON_BAD_EXAMPLE}.")
   if s["train_augment"] not in TRAIN_AUGMENTS:
     raise ConfigError(f"data.train_augment={s['train_augment']!r}: use one of {TRAIN_AUGMENTS}.")
   lo, hi = s["crop_scale"]
@@ -199,23 +228,35 @@ def _open(s: dict[str, Any], split: str):
   return source, _spec(s, split, info)
 
 
-def _checked(index: int, record: dict[str, Any], spec: _Spec) -> tuple[np.ndarray, np.ndarray]:
-  """(uint8 image [H, W, C], label) of a record, or a DataError naming the example."""
+class _BadExample(Exception):
+  """One example that cannot be used; `str()` says which and why (internal)."""
+
+
+def _load(source, index: int, spec: _Spec) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 image [H, W, C], label) of `source[index]`, or _BadExample saying why not."""
   where = f"{spec.dataset}/{spec.split} example {index}"
+  try:
+    # TFDS decodes the image while reading the record, so a corrupt or
+    # truncated file surfaces here, as whatever the decoder raises.
+    record = source[index]
+  except Exception as e:  # pylint: disable=broad-except
+    detail = " ".join(str(e).split())  # One line, whatever the decoder wrote.
+    raise _BadExample(f"{where} cannot be read or decoded ({type(e).__name__}: {detail}).") from e
   image = np.asarray(record[spec.image_key])
   if image.ndim == 2:
     image = image[:, :, None]
   hw_ok = all(d is None or d == a for d, a in zip(spec.stored_hw, image.shape[:2]))
   if image.ndim != 3 or image.shape[-1] != spec.channels or not hw_ok or image.dtype != np.uint8:
     expected = [d if d is not None else "*" for d in spec.stored_hw] + [spec.channels]
-    raise DataError(f"{where}: image {spec.image_key!r} is {image.dtype} {list(image.shape)}, "
-                    f"expected uint8 {expected}.")
+    raise _BadExample(f"{where}: image {spec.image_key!r} is {image.dtype} {list(image.shape)}, "
+                      f"expected uint8 {expected}.")
   raw = np.asarray(record[spec.label_key]).astype(np.int64).reshape(-1)
   if not spec.multilabel and raw.size != 1:
-    raise DataError(f"{where}: label {spec.label_key!r} has shape {list(raw.shape)}, expected a scalar.")
+    raise _BadExample(f"{where}: label {spec.label_key!r} has shape {list(raw.shape)}, "
+                      "expected a scalar.")
   bad = raw[(raw < 0) | (raw >= spec.num_classes)]
   if bad.size:
-    raise DataError(f"{where}: label {int(bad[0])} is out of range [0, {spec.num_classes}).")
+    raise _BadExample(f"{where}: label {int(bad[0])} is out of range [0, {spec.num_classes}).")
   if spec.multilabel:
     label = np.zeros(spec.num_classes, np.int32)
     label[raw] = 1
@@ -224,20 +265,65 @@ def _checked(index: int, record: dict[str, Any], spec: _Spec) -> tuple[np.ndarra
   return image, label
 
 
+# (dataset, split, index) of the bad examples this process has already logged.
+_LOGGED_BAD: set[tuple[str, str, int]] = set()
+
+
+def _note_bad(error: _BadExample, spec: _Spec, index: int, mode: str) -> None:
+  """Raises the user-facing DataError ("stop"), or logs the example once ("skip")."""
+  if mode == "stop":
+    raise DataError(f"{error} {_FIX}") from error.__cause__
+  key = (spec.dataset, spec.split, int(index))
+  if key not in _LOGGED_BAD:
+    _LOGGED_BAD.add(key)
+    logging.warning("Skipping a bad example (data.on_bad_example=\"skip\"): %s", error)
+
+
+class _TrainReader:
+  """Position in the shuffled, repeated order -> (image, label, bad examples passed over).
+
+  A bad example's slot takes the next good example of the same epoch (see the
+  module doc), so the result depends on the position only.
+  """
+
+  def __init__(self, source, spec: _Spec, order: grain.MapDataset, mode: str):
+    self._source, self._spec, self._order, self._mode = source, spec, order, mode
+    self._n = len(source)
+
+  def __call__(self, position: int, index: int) -> tuple[np.ndarray, np.ndarray, np.int32]:
+    epoch_start, offset = position - position % self._n, position % self._n
+    tries = min(self._n, MAX_CONSECUTIVE_BAD)
+    for skipped in range(tries):
+      if skipped:
+        index = self._order[epoch_start + (offset + skipped) % self._n]
+      try:
+        image, label = _load(self._source, index, self._spec)
+        return image, label, np.int32(skipped)
+      except _BadExample as e:
+        _note_bad(e, self._spec, index, self._mode)
+        last = e
+    spec = self._spec
+    if tries == self._n:
+      raise DataError(f"Every one of the {self._n} examples of {spec.dataset}/{spec.split} is "
+                      f"bad (the last: {last}). Check data.name, data.data_dir and the split.")
+    raise DataError(f"{tries} examples in a row of {spec.dataset}/{spec.split} are bad (the last: "
+                    f"{last}): the data looks broken, not just a few bad examples. Repair it.")
+
+
 def _train_map(s: dict[str, Any], spec: _Spec):
   size = spec.train_size
   scale, ratio = tuple(s["crop_scale"]), tuple(s["crop_ratio"])
   augment, flip, mean, std = s["train_augment"], bool(s["flip"]), s["mean"], s["std"]
 
   def fn(item, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    image, label = item
+    image, label, skipped = item
     if augment == "random_resized_crop":
       image = preprocess.random_resized_crop(image, rng, size, scale, ratio)
     else:
       image = preprocess.resize(image, size)
     if flip:
       image = preprocess.random_flip(image, rng)
-    return {"image": preprocess.normalize(image, mean, std), "label": label}
+    return {"image": preprocess.normalize(image, mean, std), "label": label, "skipped": skipped}
   return fn
 
 
@@ -256,7 +342,9 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-def _to_iterator(ds: grain.MapDataset, s: dict[str, Any]) -> grain.DatasetIterator:
+def _to_iterator(ds: grain.MapDataset, s: dict[str, Any],
+                 last_stage: Any = None) -> grain.DatasetIterator:
+  """Grain's iterator over `ds`; `last_stage` (if any) maps each batch in the consuming thread."""
   threads, prefetch, workers = int(s["read_threads"]), int(s["prefetch"]), int(s["worker_count"])
   it_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=threads, prefetch_buffer_size=max(prefetch, threads) if threads else 0))
@@ -265,9 +353,50 @@ def _to_iterator(ds: grain.MapDataset, s: dict[str, Any]) -> grain.DatasetIterat
         num_workers=workers, per_worker_buffer_size=max(prefetch, 1)))
   elif prefetch > 0:
     it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=prefetch)
+  if last_stage is not None:
+    it_ds = it_ds.map(last_stage)
   iterator = iter(it_ds)
   _OPEN_ITERATORS.add(iterator)
   return iterator
+
+
+class _SkipCounter:
+  """Takes the per-row "skipped" counts out of each batch and adds them up.
+
+  It runs after any prefetching, in the thread that consumes the batches, so it
+  counts exactly the batches the train loop has read, whether the examples were
+  prepared in threads or in worker processes.
+  """
+
+  def __init__(self):
+    self.count = 0
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    self.count += int(batch.pop("skipped").sum())
+    return batch
+
+
+# The counters of the train iterators that skip bad examples.
+_SKIP_COUNTERS: "weakref.WeakKeyDictionary[grain.DatasetIterator, _SkipCounter]" = (
+    weakref.WeakKeyDictionary())
+
+
+def data_metrics(iterator: grain.DatasetIterator) -> dict[str, int]:
+  """Input metrics of a `make_train_iterator` iterator, for the train loop's log rows.
+
+  With data.on_bad_example="skip": {"data/skipped_examples": bad examples left
+  out of the batches read so far by this run (a resumed run counts from its
+  resume step), summed over all processes}; with "stop", {}. With several
+  processes every process must call it at the same steps (it is a collective).
+  """
+  counter = _SKIP_COUNTERS.get(iterator)
+  if counter is None:
+    return {}
+  count = counter.count
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    count = int(np.sum(multihost_utils.process_allgather(np.int64(count))))
+  return {"data/skipped_examples": count}
 
 
 # Grain iterators call close() from __del__, which fails noisily ("'NoneType'
@@ -283,7 +412,13 @@ def _close_open_iterators() -> None:
       iterator.close()
     except Exception:  # pylint: disable=broad-except
       pass
-    iterator.close = lambda: None
+    # The stages below the top one have their own __del__ (ThreadPrefetch's
+    # close is not idempotent), so every stage's close becomes a no-op.
+    stages = [iterator]
+    while stages:
+      stage = stages.pop()
+      stage.close = lambda: None
+      stages.extend(getattr(stage, "_parents", ()))
 
 
 def dataset_info(cfg) -> DatasetSummary:
@@ -305,7 +440,8 @@ def make_train_iterator(cfg, *, global_batch_size: int, seed: int) -> grain.Data
   Yields {"image": float32 [local_B, H, W, C], "label": int32 [local_B]} with
   local_B = global_batch_size // process_count. Each epoch is a fresh seeded
   permutation of the whole split; batches run across epoch boundaries. The
-  iterator supports get_state()/set_state() and grain.checkpoint's Orbax args.
+  iterator supports get_state()/set_state() and grain.checkpoint's Orbax args;
+  `data_metrics(iterator)` reports the bad examples it skipped.
   """
   s = _settings(cfg)
   process_index, process_count = process_layout()
@@ -313,13 +449,18 @@ def make_train_iterator(cfg, *, global_batch_size: int, seed: int) -> grain.Data
   source, spec = _open(s, s["train_split"])
   if len(source) < 1:
     raise DataError(f"Split {s['name']}/{s['train_split']} is empty.")
-  ds = grain.MapDataset.source(source)
-  ds = ds.map_with_index(lambda i, record: _checked(i, record, spec))
-  ds = ds.shuffle(seed=int(seed) % 2**32).repeat()
+  # Shuffling indices permutes exactly as shuffling the records would; the
+  # reader needs the order itself to find a bad example's replacement.
+  order = grain.MapDataset.range(len(source)).shuffle(seed=int(seed) % 2**32).repeat()
+  ds = order.map_with_index(_TrainReader(source, spec, order, s["on_bad_example"]))
   ds = ds.random_map(_train_map(s, spec), seed=(int(seed) + 1) % 2**32)
   ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds[process_index::process_count]
-  return _to_iterator(ds, s)
+  counter = _SkipCounter()
+  iterator = _to_iterator(ds, s, last_stage=counter)
+  if s["on_bad_example"] == "skip":
+    _SKIP_COUNTERS[iterator] = counter
+  return iterator
 
 
 def make_eval_batches(cfg, *, global_batch_size: int,
@@ -329,7 +470,8 @@ def make_eval_batches(cfg, *, global_batch_size: int,
   The split is padded to ceil(N / global_batch_size) global batches; every
   batch has exactly local_B rows and a "mask" float32 [local_B] (1 = real
   example, 0 = padding: zero image, label 0). Every example appears exactly
-  once across all processes and steps.
+  once across all processes and steps. With data.on_bad_example="skip" a bad
+  example is such a masked row.
   """
   s = _settings(cfg)
   split = split or s["eval_split"]
@@ -343,8 +485,12 @@ def make_eval_batches(cfg, *, global_batch_size: int,
 
   def example(i: int) -> dict[str, np.ndarray]:
     if i < n:
-      image, label = _checked(i, source[i], spec)
-      return {"image": _eval_view(image, s, spec), "label": label, "mask": np.float32(1.0)}
+      try:
+        image, label = _load(source, i, spec)
+      except _BadExample as e:
+        _note_bad(e, spec, i, s["on_bad_example"])
+      else:
+        return {"image": _eval_view(image, s, spec), "label": label, "mask": np.float32(1.0)}
     return {"image": np.zeros(shape, np.float32), "label": pad_label, "mask": np.float32(0.0)}
 
   ds = grain.MapDataset.range(padded).map(example)
