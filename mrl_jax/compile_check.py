@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mrl_jax import sharding, train_state
+from mrl_jax import perf, sharding, train_state
 from mrl_jax.config_checks import check_config
 from mrl_jax.config_errors import ConfigError
 from mrl_jax.data import pipeline
@@ -75,13 +75,6 @@ def _per_device_bytes(abstract: Any) -> int:
   return total
 
 
-def _flops(compiled) -> float | None:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def compile_check(config: ml_collections.ConfigDict, workdir: str | None = None,
                   log=print) -> dict[str, Any]:
   """Compiles the update step for `config` on the present devices; returns the report."""
@@ -121,7 +114,7 @@ def compile_check(config: ml_collections.ConfigDict, workdir: str | None = None,
           "optimizer_state": mib(_per_device_bytes(state["opt_state"])),
           "train_state": mib(_per_device_bytes(state)),
       },
-      "flops_per_step_per_device": _flops(compiled),
+      "flops_per_step_per_device": perf.step_flops(compiled),
   }
   if memory is not None:
     report["per_device_mib"].update(

@@ -45,7 +45,11 @@ def peak_flops_per_device(device_kind: str) -> float | None:
 
 
 def step_flops(lowered: Any) -> float | None:
-  """FLOPs of one call of a lowered jitted step (global, all devices), if XLA counts them."""
+  """FLOPs XLA counts for one call of a jitted step, or None.
+
+  For a lowered step: the whole global program. A compiled step works too (its
+  per-device program, minus what backends hand to library calls).
+  """
   try:
     cost = lowered.cost_analysis()
   except Exception:  # pylint: disable=broad-except  # Not every backend implements it.
