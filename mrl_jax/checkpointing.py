@@ -34,8 +34,10 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mrl_jax.errors import UserError
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointMismatchError(UserError, ValueError):
   """The checkpoint in the workdir was written for a different model setup."""
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from mrl_jax import perf, sharding, train_state
 from mrl_jax.config_checks import check_config
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 from mrl_jax.data import pipeline
 from mrl_jax.data.sources import DatasetNotPreparedError
 from mrl_jax.train_step import abstract_batch, make_train_step

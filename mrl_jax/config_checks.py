@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from mrl_jax import models
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 from mrl_jax.nesting import Nesting
 from mrl_jax.sharding import BATCH_AXES, MESH_AXES, mesh_shape
 

@@ -31,11 +31,13 @@ from collections.abc import Mapping
 
 import jax
 
+from mrl_jax.errors import UserError
+
 # Prefix order: the project's own names win over JAX's.
 _PREFIXES = ("MRL_", "JAX_")
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(UserError, ValueError):
   """The environment names a coordinator but not a complete, valid process layout."""
 
 

@@ -22,9 +22,10 @@ from mrl_jax import sharding, train_state
 from mrl_jax.checkpointing import Checkpointer
 from mrl_jax.config_checks import nesting_from_config
 from mrl_jax.evaluation.knn import l2_normalize
+from mrl_jax.errors import UserError
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(UserError, FileNotFoundError):
   """The workdir has no config or no complete checkpoint."""
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mrl_jax import inference, sharding
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 from mrl_jax.models import vit
 
 

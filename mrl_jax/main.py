@@ -22,12 +22,8 @@ import jax
 from ml_collections import config_flags
 
 from mrl_jax import compile_check, distributed, train
-from mrl_jax.checkpointing import CheckpointMismatchError
-from mrl_jax.config_errors import ConfigError
-from mrl_jax.data.pipeline import DataError
-from mrl_jax.data.sources import DatasetNotPreparedError
+from mrl_jax.errors import UserError
 from mrl_jax.evaluation import probe
-from mrl_jax.inference import CheckpointNotFoundError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -40,12 +36,6 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "Run on this many (fake) CPU devices, e.g. to compile_check an "
     "8-device mesh on a laptop. Only for CPU runs.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-# Errors a user can fix: one clear line, no traceback.
-USER_ERRORS = (ConfigError, CheckpointMismatchError, DatasetNotPreparedError,
-               CheckpointNotFoundError, distributed.DistributedConfigError, train.NonFiniteError,
-               DataError)
-
 
 def main(argv: list[str]) -> None:
   del argv
@@ -62,7 +52,7 @@ def main(argv: list[str]) -> None:
       compile_check.compile_check(_CONFIG.value, _WORKDIR.value)
     else:
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except USER_ERRORS as e:
+  except UserError as e:  # Something the user can fix: one line, no traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

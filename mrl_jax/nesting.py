@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import optax
 
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw", "lars", "lamb", "adafactor")
 SCHEDULES = ("cosine", "linear", "step", "constant")

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 from mrl_jax import init_from, perf, sharding, train_state
 from mrl_jax.checkpointing import Checkpointer
 from mrl_jax.config_checks import check_config
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError, UserError
 from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, Throughput, format_eta
 from mrl_jax.evaluation import periodic
@@ -31,7 +31,7 @@ def per_size_metrics(prefix: str, name: str, dims: tuple[int, ...], values: np.n
   return {f"{prefix}/{name}_d{m}": float(v) for m, v in zip(dims, values)}
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
   """Training produced a NaN or Inf loss or gradient (and config.on_nonfinite says stop)."""
 
 

@@ -36,7 +36,7 @@ import tensorflow_datasets as tfds
 from conftest import subprocess_env
 from mrl_jax import inference, train
 from mrl_jax.checkpointing import COMMIT_MARKER, Checkpointer, CheckpointMismatchError
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 from mrl_jax.data import digits, pipeline, sources
 from test_train import QUICKSTART, ROOT, quickstart_config
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mrl_jax import inference, sharding, train
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 from mrl_jax.models import vit
 from test_configs import load_config
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flax import nnx
 
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 from mrl_jax.models.nested_head import NestedHead, head_dims, naive_nested_logits
 from mrl_jax.nesting import Nesting
 

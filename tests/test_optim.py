@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mrl_jax import optim
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 
 PARAMS = {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "bn": {"scale": jnp.ones((4,)),
           "bias": jnp.ones((4,))}, "head": {"kernel": jnp.ones((4, 5)), "bias": jnp.ones((5,))}}

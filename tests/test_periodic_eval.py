@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mrl_jax import inference, train
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 from mrl_jax.evaluation import knn, periodic, probe
 from test_train import quickstart_config, read_metrics
 

@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from mrl_jax import sharding
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 
 
 def test_mesh_shape_fills_the_minus_one_axis():

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import subprocess_env
 from mrl_jax import sharding, train
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import subprocess_env
 from mrl_jax import models, sharding
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 from mrl_jax.models import vit
 from mrl_jax.models.vit import SHARDING_RULES, ViT
 

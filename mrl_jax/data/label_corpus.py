@@ -72,6 +72,8 @@ from absl import logging
 from etils import epath
 import tensorflow_datasets as tfds
 
+from mrl_jax.errors import UserError
+
 ON_BAD_ROW = ("stop", "skip")
 REASONS = ("wrong_column_count", "empty_labels", "unknown_label_name",
            "label_id_out_of_range", "missing_file", "undecodable_image")
@@ -87,7 +89,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _BUFFER_RE = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
-class BadRowError(ValueError):
+class BadRowError(UserError, ValueError):
   """A manifest row that cannot become an example (with on_bad_row="stop")."""
 
   def __init__(self, manifest: str, line: int, reason: str, detail: str):

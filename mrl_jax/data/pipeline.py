@@ -91,7 +91,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError, UserError
 from mrl_jax.data import preprocess
 from mrl_jax.data import sources
 
@@ -128,7 +128,7 @@ _FIX = ('Repair or remove the example, or set data.on_bad_example="skip" to leav
         'examples out.')
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """An example in the dataset does not match the dataset's declared features."""
 
 

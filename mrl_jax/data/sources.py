@@ -36,10 +36,12 @@ from absl import logging
 import jax
 import tensorflow_datasets as tfds
 
+from mrl_jax.errors import UserError
+
 EMBEDDED_DATASETS = ("mrl_digits", "mrl_demo_corpus")
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(UserError, FileNotFoundError):
   """The dataset's array_record files are not in the data_dir."""
 
 

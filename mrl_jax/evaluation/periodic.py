@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from mrl_jax import sharding
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 from mrl_jax.data import pipeline
 from mrl_jax.evaluation import knn
 from mrl_jax.evaluation.linear_probe import linear_probe_top1

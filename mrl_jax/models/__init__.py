@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 from mrl_jax.models import resnet, vit
 from mrl_jax.models.classifier import NestedClassifier
 from mrl_jax.models.nested_head import NestedHead, head_dims

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError
 
 # name -> (width, depth, mlp_dim, num_heads), from the ViT and "How to train
 # your ViT" papers.

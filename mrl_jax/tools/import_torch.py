@@ -50,7 +50,7 @@ import numpy as np
 from mrl_jax import train_state
 from mrl_jax.checkpointing import Checkpointer
 from mrl_jax.config_checks import nesting_from_config
-from mrl_jax.config_errors import ConfigError
+from mrl_jax.errors import ConfigError, UserError
 from mrl_jax.models.resnet import resnet_embedding_dim
 from mrl_jax.sharding import path_to_str
 
@@ -70,7 +70,7 @@ _NESTED_KEY = re.compile(r"fc\.nesting_classifier_(\d+)\.(weight|bias)")
 _STRIDED_CONV = re.compile(r"layer[2-9]\.0\.(conv2|downsample\.0)")  # v1.5: the 3x3 strides
 
 
-class StateDictError(ValueError):
+class StateDictError(UserError, ValueError):
   """The state dict does not fit the ResNet-50 + nested head layout."""
 
 
