@@ -28,8 +28,24 @@ def test_knn_vote_counts_then_rank():
   np.testing.assert_array_equal(knn.knn_classify(labels, 7), [2, 1, 4])
 
 
-def naive_metrics(neighbour_labels, query_labels, database_labels, k):
-  aps, precisions, recalls = [], [], []
+def naive_vote(row):
+  """Most votes; among those, the class whose nearest member comes first."""
+  counts = {c: list(row).count(c) for c in row}
+  best = max(counts.values())
+  return next(c for c in row if counts[c] == best)
+
+
+def test_knn_vote_tie_goes_to_the_nearest_member():
+  # 3 and 1 have two votes each; 3 owns the nearest neighbour (the old rank bonus gave 1).
+  assert knn.knn_classify(np.array([[3, 1, 1, 3, 2]]), 4)[0] == 3
+  assert knn.knn_classify(np.array([[2, 0, 0, 1, 1, 2]]), 3)[0] == 2
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 4, size=(500, 7))
+  np.testing.assert_array_equal(knn.knn_classify(labels, 4), [naive_vote(r) for r in labels])
+
+
+def naive_metrics(neighbour_labels, query_labels, database_labels, k, official=1300):
+  aps, precisions, recalls, official_recalls = [], [], [], []
   for row, y in zip(neighbour_labels, query_labels):
     hits, ap = 0, 0.0
     for i, label in enumerate(row[:k], start=1):
@@ -39,7 +55,8 @@ def naive_metrics(neighbour_labels, query_labels, database_labels, k):
     aps.append(ap / k)
     precisions.append(hits / k)
     recalls.append(hits / max(int((database_labels == y).sum()), 1))
-  return np.mean(aps), np.mean(precisions), np.mean(recalls)
+    official_recalls.append(hits / official)
+  return np.mean(aps), np.mean(precisions), np.mean(recalls), np.mean(official_recalls)
 
 
 def test_retrieval_metrics_match_naive_loop():
@@ -48,11 +65,16 @@ def test_retrieval_metrics_match_naive_loop():
   query_labels = rng.integers(0, 5, size=30)
   neighbour_labels = rng.integers(0, 5, size=(30, 100))
   got = retrieval.retrieval_metrics(neighbour_labels, query_labels, database_labels)
+  small = retrieval.retrieval_metrics(neighbour_labels, query_labels, database_labels,
+                                      official_class_size=80)
   for k in (10, 25, 50, 100):
-    ap, p, r = naive_metrics(neighbour_labels, query_labels, database_labels, k)
+    ap, p, r, r_official = naive_metrics(neighbour_labels, query_labels, database_labels, k)
     assert got[f"map@{k}"] == pytest.approx(ap)
     assert got[f"precision@{k}"] == pytest.approx(p)
     assert got[f"recall@{k}"] == pytest.approx(r)
+    assert got[f"recall_official@{k}"] == pytest.approx(r_official)
+    r_80 = naive_metrics(neighbour_labels, query_labels, database_labels, k, official=80)[3]
+    assert small[f"recall_official@{k}"] == pytest.approx(r_80)
 
 
 def test_perfect_ranking_closed_form():
@@ -60,7 +82,8 @@ def test_perfect_ranking_closed_form():
   database_labels = np.array([0] * 20 + [1] * 20)
   metrics = retrieval.retrieval_metrics(np.zeros((3, 10), int), np.zeros(3, int),
                                         database_labels, ks=(10,))
-  assert metrics == {"precision@10": 1.0, "recall@10": 0.5, "map@10": 1.0}
+  assert metrics == {"precision@10": 1.0, "recall@10": 0.5, "map@10": 1.0,
+                     "recall_official@10": 10 / 1300}
 
 
 SHARDED_CHECK = """

@@ -3,7 +3,11 @@
 For a query with label y and its top-k retrieved labels:
   * precision@k = hits in the top k / k,
   * recall@k    = hits in the top k / (number of database items with label y),
-    from the real class counts (the official code divides by a constant 1300),
+    from the real class counts;
+  * recall_official@k = hits in the top k / `official_class_size`: the official
+    MRL code divides by a constant, 1300 (about the images per ImageNet-1K
+    training class), whatever the class; comparable with the paper's numbers on
+    ImageNet, meaningless elsewhere unless the constant is set to the class size;
   * AP@k        = (sum of precision@i over the ranks i <= k that are hits) / k,
     the official code's definition; mAP@k is its mean over queries.
 """
@@ -14,13 +18,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
+OFFICIAL_CLASS_SIZE = 1300  # The official code's recall denominator (ImageNet-1K).
+
 
 def retrieval_metrics(neighbour_labels: np.ndarray, query_labels: np.ndarray,
-                      database_labels: np.ndarray, ks: Sequence[int] = (10, 25, 50, 100)
-                      ) -> dict[str, float]:
-  """{"map@k", "precision@k", "recall@k"} for every k in `ks` (k <= neighbours given)."""
+                      database_labels: np.ndarray, ks: Sequence[int] = (10, 25, 50, 100), *,
+                      official_class_size: int = OFFICIAL_CLASS_SIZE) -> dict[str, float]:
+  """{"map@k", "precision@k", "recall@k", "recall_official@k"} for every k in `ks`.
+
+  k may not exceed the neighbours given; see the module doc for the definitions.
+  """
   if max(ks) > neighbour_labels.shape[1]:
     raise ValueError(f"Need at least {max(ks)} neighbours per query, got {neighbour_labels.shape[1]}.")
+  if official_class_size <= 0:
+    raise ValueError(f"official_class_size={official_class_size} must be positive.")
   hits = (neighbour_labels == query_labels[:, None]).astype(np.float64)
   cumulative = np.cumsum(hits, axis=1)
   ranks = np.arange(1, hits.shape[1] + 1)
@@ -31,5 +42,6 @@ def retrieval_metrics(neighbour_labels: np.ndarray, query_labels: np.ndarray,
   for k in ks:
     out[f"precision@{k}"] = float(np.mean(cumulative[:, k - 1] / k))
     out[f"recall@{k}"] = float(np.mean(cumulative[:, k - 1] / relevant))
+    out[f"recall_official@{k}"] = float(np.mean(cumulative[:, k - 1] / official_class_size))
     out[f"map@{k}"] = float(np.mean((precision_at_rank[:, :k] * hits[:, :k]).sum(axis=1) / k))
   return out
