@@ -171,6 +171,33 @@ def test_rerank_blocks_and_ties():
   np.testing.assert_array_equal(big, funnel.single_shot(queries, database, 8, k=20))
 
 
+def test_tiny_prefix_rankings_match_float64():
+  """At a 2-dim prefix the neighbours sit ~1e-4 apart on the circle (squared distances
+  ~1e-8): the old expanded ||q||^2 - 2 q.c + ||c||^2 (error ~2e-7) reordered them."""
+  rng = np.random.default_rng(7)
+  x = np.zeros((700, 6))
+  x[:, 0] = 1.0
+  x[:, 1] = rng.normal(scale=3e-2, size=700)
+  x[:, 2:] = rng.normal(size=(700, 4))                       # beyond the prefix
+  x[:, :2] *= rng.uniform(0.5, 2.0, size=(700, 1))           # prefix norms vary
+  x = x.astype(np.float32)
+  queries, database = x[:100], x[100:]
+  unit = lambda v: v[:, :2] / np.linalg.norm(v[:, :2].astype(np.float64), axis=1, keepdims=True)
+  dist = ((unit(queries)[:, None] - unit(database)[None]) ** 2).sum(-1)
+  top = np.sort(dist, axis=1)[:, :6]
+  # Float32 normalisation moves each point by ~eps32, a squared distance D by about
+  # 4 * sqrt(D) * eps32: keep queries whose gaps are 100x that.
+  bound = 4 * np.sqrt(top[:, 1:]) * np.finfo(np.float32).eps
+  keep = np.all(np.diff(top, axis=1) > 100 * bound, axis=1)
+  assert keep.sum() >= 20
+  expected = np.argsort(dist, axis=1, kind="stable")[:, :5]
+  everything = np.tile(np.arange(len(database))[::-1], (len(queries), 1))
+  for got in (funnel.single_shot(queries, database, 2, k=5),
+              funnel.rerank(queries, database, everything, 2, 5),
+              funnel.funnel_retrieve(queries, database, dims=(4, 2), shortlists=(600,), k=5)):
+    np.testing.assert_array_equal(got[keep], expected[keep])
+
+
 def test_bad_plans_raise():
   queries, database = random_embeddings(num_db=30)
   with pytest.raises(ValueError, match="last stage"):

@@ -3,6 +3,9 @@
 The index holds only the unit-normalised first `dim` features of every database
 vector, so it is small and fast to search; the candidates it returns are then
 reranked with a larger prefix (`funnel.funnel_retrieve(..., index=...)`).
+faiss ranks by squared L2 computed as ||q||^2 - 2 q.c + ||c||^2 in float32, so
+at prefixes of a few dims the order among neighbours closer than ~1e-7 is
+approximate too; the exact rerank (`funnel.rerank`) does not have that error.
 faiss is optional: `pip install faiss-cpu` (or a GPU build).
 """
 

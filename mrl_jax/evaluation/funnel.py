@@ -1,7 +1,10 @@
 """Adaptive and funnel retrieval with nested embeddings (MRL paper), and their search cost.
 
 Every stage looks at a prefix `[:, :D]` of the raw embeddings, unit-normalised
-on its own, and ranks by squared L2 distance.
+on its own, and ranks by squared L2 distance (for unit vectors the same order as
+inner product, but computed without the float32 cancellation that reorders
+close neighbours at tiny prefixes: `knn_search` for the exact shortlist, and
+sums of squared coordinate differences when reranking candidates).
 
   * single-shot: exact top-k over the whole database at one size;
   * adaptive:    exact shortlist of `shortlist_size` with a small prefix, then the
@@ -76,7 +79,8 @@ def rerank(queries: np.ndarray, database: np.ndarray, candidates: np.ndarray, di
 
   Candidate prefixes are gathered one block of queries at a time ([B, S, dim] floats with
   B * S * dim <= block_elements, at least one query). Distances are the squared L2 between
-  unit-normalised prefixes, as in `knn_search` (float32).
+  unit-normalised prefixes, summed from coordinate differences in float32 (exact up to
+  ~1e-7 of each distance, so a whole-database candidate list gives `single_shot`'s ids).
   """
   if isinstance(database, jax.Array):  # Keep the database where it is: gather on device.
     return _rerank_on_device(jnp.asarray(queries), database, jnp.asarray(candidates), dim, keep)
@@ -89,11 +93,8 @@ def rerank(queries: np.ndarray, database: np.ndarray, candidates: np.ndarray, di
     cand = candidates[start:start + block]
     q = _normalized_prefix(queries[start:start + block], dim)            # [B, dim]
     c = np.take(prefix, cand, axis=0).astype(np.float32, copy=False)    # [B, S, dim]
-    raw_sq = np.einsum("bsd,bsd->bs", c, c)
-    c_norm = np.maximum(np.sqrt(raw_sq), _NORM_EPS)
-    dots = np.matmul(c, q[:, :, None])[..., 0] / c_norm                # q . c/|c|
-    c_sq = raw_sq / (c_norm * c_norm)                                   # 1 unless c == 0
-    dist = (q * q).sum(-1)[:, None] - 2.0 * dots + c_sq
+    c = c / np.maximum(np.linalg.norm(c, axis=-1, keepdims=True), np.float32(_NORM_EPS))
+    dist = np.square(c - q[:, None, :]).sum(-1)
     order = np.lexsort((cand, dist), axis=-1)[:, :keep]  # By distance, then database id.
     out[start:start + block] = np.take_along_axis(cand, order, axis=1)
   return out
@@ -105,7 +106,7 @@ def _rerank_on_device(queries: jax.Array, database: jax.Array, candidates: jax.A
   """`rerank` for a database already on the accelerator (same distances and tie order)."""
   q = l2_normalize(queries[:, :dim].astype(jnp.float32))                    # [Q, dim]
   c = l2_normalize(jnp.take(database[:, :dim], candidates, axis=0).astype(jnp.float32))
-  dist = (q * q).sum(-1)[:, None] - 2.0 * jnp.einsum("qsd,qd->qs", c, q) + (c * c).sum(-1)
+  dist = jnp.sum(jnp.square(c - q[:, None, :]), axis=-1)
   order = jnp.lexsort((candidates, dist), axis=-1)[:, :keep]
   return jnp.take_along_axis(candidates, order, axis=1)
 
