@@ -130,6 +130,82 @@ def test_x_smaller_none_when_never_reached():
   assert result["x_smaller_at_equal_accuracy"] is None
 
 
+def naive_pairwise_thresholds(probs, labels):
+  """The official notebook's loop: per pair (i, i+1), the smallest t of the best accuracy."""
+  conf, pred = probs.max(-1), probs.argmax(-1)
+  out = []
+  for i in range(len(probs) - 1):
+    best_t, best_right = None, -1
+    for t in list(adaptive.OFFICIAL_GRID) + [adaptive.NEVER]:
+      right = 0
+      for n in range(len(labels)):
+        right += int((pred[i, n] if conf[i, n] >= t else pred[i + 1, n]) == labels[n])
+      if right > best_right:
+        best_t, best_right = float(t), right
+    out.append(best_t)
+  return out + [0.0]
+
+
+def test_pairwise_search_matches_the_notebook_loop():
+  logits, labels, _ = easy_hard_logits(num=300, noise=1.5, seed=4)
+  probs = adaptive.softmax(logits)
+  got = adaptive.search_thresholds(probs, labels, [8, 16, 32, 64], method="pairwise")
+  assert got == naive_pairwise_thresholds(probs, labels)
+  assert len(set(got[:-1])) > 1  # the data gives the pairs different thresholds
+
+
+@pytest.mark.parametrize("method", ["greedy", "pairwise"])
+def test_every_split_searches_on_its_held_out_part_and_reports_the_rest(method):
+  """The protocol redone from public pieces: thresholds from the held-out part only."""
+  logits, labels, _ = easy_hard_logits(num=400, noise=1.5, seed=5)
+  dims, probs = [8, 16, 32, 64], adaptive.softmax(logits)
+  result = adaptive.adaptive_classification(logits, labels, dims, seed=2, num_splits=6,
+                                            method=method)
+  json.dumps(result, allow_nan=False)
+  splits = adaptive.holdout_splits(len(labels), 0.5, 2, 6)
+  # Split 0 is today's single split.
+  np.testing.assert_array_equal(splits[0][0],
+                                np.sort(np.random.default_rng(2).permutation(400)[:200]))
+  honest, leaky = [], []
+  for hold, rest in splits:
+    assert len(hold) == 200 and not set(hold) & set(rest) and len(set(hold) | set(rest)) == 400
+    numbers = []
+    for fit in (hold, rest):  # rest: the leak this test must catch
+      if method == "greedy":
+        target = float(np.mean(probs[-1, hold].argmax(-1) == labels[hold]))
+        t = adaptive.search_thresholds(probs[:, fit], labels[fit], dims, target_accuracy=target)
+      else:
+        t = adaptive.search_thresholds(probs[:, fit], labels[fit], dims, method="pairwise")
+      preds, size = adaptive.cascade(probs[:, rest], t)
+      numbers.append((float(np.mean(preds == labels[rest])), adaptive.expected_dims(size, dims)))
+    honest.append(numbers[0])
+    leaky.append(numbers[1])
+  assert honest != leaky  # the data tells the two apart
+  assert (result["accuracy"], result["expected_dims"]) == pytest.approx(honest[0])
+  stats = result["over_splits"]
+  for i, field in enumerate(("accuracy", "expected_dims")):
+    values = np.array([h[i] for h in honest])
+    assert stats[field]["mean"] == pytest.approx(values.mean())
+    assert stats[field]["std"] == pytest.approx(values.std())
+    assert (stats[field]["min"], stats[field]["max"]) == pytest.approx((values.min(), values.max()))
+    assert stats[field]["count"] == 6
+  assert result["num_splits"] == 6 and result["method"] == method
+  if method == "pairwise":
+    assert [p["max_dim"] for p in result["curve"]] == dims[1:]
+    assert [p["max_dim"] for p in stats["curve"]] == dims[1:]
+  else:
+    assert [p["matched_dim"] for p in stats["curve"]] == dims
+
+
+def test_adaptive_rejects_unknown_methods_and_pairwise_targets():
+  logits, labels, _ = easy_hard_logits(num=100)
+  with pytest.raises(ValueError, match="method"):
+    adaptive.adaptive_classification(logits, labels, [8, 16, 32, 64], method="exhaustive")
+  with pytest.raises(ValueError, match="targets"):
+    adaptive.adaptive_classification(logits, labels, [8, 16, 32, 64], method="pairwise",
+                                     targets=[0.5])
+
+
 # --- Retrieval -----------------------------------------------------------------------------
 
 def random_embeddings(num_db=300, num_q=40, d=32, seed=0):
