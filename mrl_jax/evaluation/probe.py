@@ -16,7 +16,8 @@ rows computed on that model's embeddings of the same splits. The same-run
 `svd_*` / `random_*` rows truncate the MRL embedding itself.
 
 config.probe fields (all optional): knn_k (5), retrieval_ks ((10, 25, 50, 100)),
-linear_l2 (1e-4), linear_steps (100), holdout_fraction (0.5), seed (0),
+linear_l2 (1e-4), linear_steps (100), holdout_fraction (0.5), adaptive_splits (30
+random hold-out splits), adaptive_method ("greedy" or "pairwise"), seed (0),
 shortlist_dim (16), shortlist_size (200), funnel_dims ((16, 32, 64, 128, 256)),
 funnel_shortlists ((200, 100, 50, 25, 10)), train_split / test_split (default:
 config.data.train_split / eval_split), batch_size (256), baseline_workdir (None).
@@ -39,7 +40,8 @@ from mrl_jax.evaluation.linear_probe import linear_probe_top1
 from mrl_jax.evaluation.report import write_report
 
 DEFAULTS = dict(knn_k=5, retrieval_ks=(10, 25, 50, 100), linear_l2=1e-4, linear_steps=100,
-                holdout_fraction=0.5, seed=0, shortlist_dim=16, shortlist_size=200,
+                holdout_fraction=0.5, adaptive_splits=30, adaptive_method="greedy", seed=0,
+                shortlist_dim=16, shortlist_size=200,
                 funnel_dims=(16, 32, 64, 128, 256), funnel_shortlists=(200, 100, 50, 25, 10),
                 train_split=None, test_split=None, batch_size=256, baseline_workdir=None)
 
@@ -171,7 +173,8 @@ def run_probe(workdir: str, config: ml_collections.ConfigDict | None = None,
 
   summary["adaptive_classification"] = adaptive.adaptive_classification(
       test_logits, test_y, dims, holdout_fraction=settings["holdout_fraction"],
-      seed=settings["seed"])
+      seed=settings["seed"], num_splits=settings["adaptive_splits"],
+      method=settings["adaptive_method"])
   summary["funnel_retrieval"] = retrieval_comparison(train_z, train_y, test_z, test_y, settings)
   summary["probe_seconds"] = round(time.time() - start, 1)
 
