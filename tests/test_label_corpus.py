@@ -316,6 +316,52 @@ def test_cli_output(corpus, tmp_path, capsys):
   assert f"{folder}/train.tsv line 8: undecodable_image" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------ files that are not UTF-8
+
+# A manifest saved by a Windows editor: a byte-order mark, CRLF line breaks, a
+# Latin-1 comment (ignored) and a Latin-1 path on line 3, with good rows after it.
+NOT_UTF8_MANIFEST = (b"\xef\xbb\xbfimg/rgb.png\tcat\r\n# caf\xe9 photos\r\n"
+                     b"img/caf\xe9.png\tdog\r\nimg/gray.png\tbird\r\nimg/rgba.png\tdog,fish\r\n")
+
+
+def test_not_utf8_row_stops_the_cli_naming_file_and_line(corpus, tmp_path, capsys):
+  manifest = corpus["folder"] / "latin1_stop.tsv"
+  manifest.write_bytes(NOT_UTF8_MANIFEST)
+  assert build_corpus.main(["--name", "latin1_stop", "--labels", str(corpus["labels"]),
+                            "--split", f"train={manifest}", "--data_dir", str(tmp_path)]) == 1
+  err = capsys.readouterr().err
+  assert "Traceback" not in err, err
+  (line,) = [l for l in err.splitlines() if "error" in l]  # The rest is TFDS' progress bar.
+  assert line.startswith(f"build_corpus: error: {manifest} line 3: not_utf8: byte 0xe9 at "
+                         f"column 8 is not UTF-8") and "--on_bad_row=skip" in line, err
+
+
+def test_not_utf8_rows_are_skipped_and_the_other_lines_kept(corpus, tmp_path):
+  manifest = corpus["folder"] / "latin1_skip.tsv"
+  manifest.write_bytes(NOT_UTF8_MANIFEST)
+  builder = label_corpus.build("latin1_skip", {"train": manifest}, corpus["labels"],
+                               data_dir=str(tmp_path), on_bad_row="skip")
+  report = label_corpus.read_report(builder.data_path)["splits"]["train"]
+  assert (report["rows"], report["examples"], report["skipped"]) == (4, 3, {"not_utf8": 1})
+  (bad,) = report["bad_rows"]
+  assert (bad["line"], bad["reason"], bad["text"]) == (3, "not_utf8", "img/caf\\xe9.png\tdog")
+  source, _ = sources.open_source("latin1_skip", "train", str(tmp_path))
+  got = sorted((source[i]["id"].decode(), tuple(int(x) for x in source[i]["labels"]))
+               for i in range(len(source)))
+  # The byte-order mark is not part of the first path; CRs are not part of the labels.
+  assert got == [("img/gray.png", (2,)), ("img/rgb.png", (0,)), ("img/rgba.png", (1, 3))]
+
+
+def test_label_file_not_utf8_names_its_line(tmp_path):
+  path = tmp_path / "labels.txt"
+  path.write_bytes(b"cat\ndog\nna\xefve\n")
+  with pytest.raises(label_corpus.LabelFileError, match=r"labels\.txt line 3: byte 0xef at "
+                                                        r"column 3 is not UTF-8"):
+    label_corpus.read_label_file(path)
+  path.write_bytes(b"\xef\xbb\xbfcat\r\ndog\r\n")  # A byte-order mark and CRLF are fine.
+  assert label_corpus.read_label_file(path) == ["cat", "dog"]
+
+
 # ------------------------------------------------------------ the demo corpus
 
 

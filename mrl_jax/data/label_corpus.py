@@ -6,7 +6,8 @@ array_record splits that `sources.open_source(name, split, data_dir)` and the
 Grain pipeline read by name, with no TensorFlow and without this module being
 imported (TFDS reads the dataset from the files in data_dir).
 
-Input, per split, a manifest: a UTF-8 text file with one example per line,
+Input, per split, a manifest: a UTF-8 text file (a leading byte-order mark is
+allowed) with one example per line,
 
   image_path<TAB>labels
 
@@ -38,9 +39,12 @@ the same every build, and adding or removing rows leaves the relative order
 of the other examples as it was.
 
 Malformed rows are found at build time; every image is fully decoded with PIL.
-The reasons (`REASONS`): wrong_column_count, empty_labels, unknown_label_name,
+The reasons (`REASONS`): not_utf8 (the line's bytes are not UTF-8, e.g. a file
+saved as Latin-1; each line is decoded on its own, so the other lines are still
+read), wrong_column_count, empty_labels, unknown_label_name,
 label_id_out_of_range, missing_file, undecodable_image (not an image, or
-truncated). With `on_bad_row="stop"` (the default) the first one raises
+truncated). A label file that is not UTF-8 is refused (`LabelFileError`) naming
+its line. With `on_bad_row="stop"` (the default) the first one raises
 `BadRowError` naming the manifest, line and reason, and nothing usable is
 left in data_dir (TFDS deletes its temporary folder). With `"skip"` such rows are left out, the counts per reason are
 logged, and every build writes `bad_rows.json` beside the dataset's files
@@ -60,6 +64,7 @@ through the same path, that `open_source` builds on first use.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import io
@@ -75,7 +80,7 @@ import tensorflow_datasets as tfds
 from mrl_jax.errors import UserError
 
 ON_BAD_ROW = ("stop", "skip")
-REASONS = ("wrong_column_count", "empty_labels", "unknown_label_name",
+REASONS = ("not_utf8", "wrong_column_count", "empty_labels", "unknown_label_name",
            "label_id_out_of_range", "missing_file", "undecodable_image")
 REPORT_FILE = "bad_rows.json"
 MAX_RECORDED_BAD_ROWS = 100
@@ -97,6 +102,10 @@ class BadRowError(UserError, ValueError):
     super().__init__(
         f"{manifest} line {line}: {reason}: {detail}. Fix or remove the row, or "
         f"build with on_bad_row='skip' (--on_bad_row=skip) to leave such rows out.")
+
+
+class LabelFileError(UserError, ValueError):
+  """A label file that cannot be read as one unique class name per line."""
 
 
 class _BadRow(Exception):
@@ -121,25 +130,55 @@ class SplitReport:
     return sum(self.skipped.values())
 
 
+def _decode_line(raw: bytes, number: int) -> str:
+  """One line's text without its line break; _BadRow("not_utf8") if not UTF-8.
+
+  Line 1 may start with a UTF-8 byte-order mark (Windows editors write one),
+  which would otherwise become part of the first path or class name.
+  """
+  if raw.endswith(b"\n"):
+    raw = raw[:-1]
+  if raw.endswith(b"\r"):
+    raw = raw[:-1]
+  start = 3 if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0
+  try:
+    return raw[start:].decode("utf-8")
+  except UnicodeDecodeError as e:
+    at = start + e.start
+    raise _BadRow("not_utf8", f"byte 0x{raw[at]:02x} at column {at + 1} is not UTF-8 (was "
+                              f"the file saved as Latin-1 or cp1252? save it as UTF-8)") from None
+
+
+def _binary_lines(path: epath.Path) -> Iterator[tuple[int, bytes]]:
+  """(1-based number, bytes) per line: decoded one by one, so a bad line spoils no other."""
+  with path.open("rb") as f:
+    yield from enumerate(f, start=1)
+
+
 def read_label_file(path: epath.PathLike) -> list[str]:
-  """The class names of a label file (see module doc); ValueError if malformed."""
+  """The class names of a label file (see module doc); LabelFileError if malformed."""
   path = epath.Path(path)
-  lines = path.read_text(encoding="utf-8").splitlines()
+  lines = []
+  for number, raw in _binary_lines(path):
+    try:
+      lines.append(_decode_line(raw, number))
+    except _BadRow as bad:
+      raise LabelFileError(f"{path} line {number}: {bad.detail}.") from None
   while lines and not lines[-1].strip():
     lines.pop()
   names, first_seen = [], {}
   for number, line in enumerate(lines, start=1):
     name = line.strip()
     if not name:
-      raise ValueError(f"{path} line {number} is blank: every line up to the last "
-                       f"name is a class (its id is the line's index).")
+      raise LabelFileError(f"{path} line {number} is blank: every line up to the last "
+                           f"name is a class (its id is the line's index).")
     if name in first_seen:
-      raise ValueError(f"{path} line {number}: class name {name!r} repeats line "
-                       f"{first_seen[name]}; names must be unique.")
+      raise LabelFileError(f"{path} line {number}: class name {name!r} repeats line "
+                           f"{first_seen[name]}; names must be unique.")
     first_seen[name] = number
     names.append(name)
   if not names:
-    raise ValueError(f"{path} lists no class names.")
+    raise LabelFileError(f"{path} lists no class names.")
   return names
 
 
@@ -307,21 +346,29 @@ class LabelCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     report = self.report[split]
     index = {n: i for i, n in enumerate(self._names)}
     seen = collections.Counter()
-    with manifest.open("r", encoding="utf-8") as f:
-      for number, line in enumerate(f, start=1):
-        line = line.rstrip("\r\n")
-        if not line.strip() or line.lstrip().startswith("#"):
-          continue
+    for number, raw in _binary_lines(manifest):
+      try:
+        line = _decode_line(raw, number)
+      except _BadRow as bad:
+        if raw.lstrip().startswith(b"#"):
+          continue  # A comment says nothing about the data, whatever its encoding.
         report.rows += 1
-        try:
-          path_text, ids, image = self._parse_row(line, manifest, index)
-        except _BadRow as bad:
-          self._bad_row(report, number, line, bad)
-          continue
-        key = path_text if not seen[path_text] else f"{path_text}#{seen[path_text]}"
-        seen[path_text] += 1
-        report.examples += 1
-        yield key, {"image": image, "labels": ids, "id": path_text}
+        # The report is JSON: keep the undecodable bytes visible as \xNN.
+        text = raw.rstrip(b"\r\n").decode("utf-8", errors="backslashreplace")
+        self._bad_row(report, number, text, bad)
+        continue
+      if not line.strip() or line.lstrip().startswith("#"):
+        continue
+      report.rows += 1
+      try:
+        path_text, ids, image = self._parse_row(line, manifest, index)
+      except _BadRow as bad:
+        self._bad_row(report, number, line, bad)
+        continue
+      key = path_text if not seen[path_text] else f"{path_text}#{seen[path_text]}"
+      seen[path_text] += 1
+      report.examples += 1
+      yield key, {"image": image, "labels": ids, "id": path_text}
 
   def _parse_row(self, line: str, manifest: epath.Path, index: Mapping[str, int]
                  ) -> tuple[str, list[int], bytes]:
