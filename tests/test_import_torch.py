@@ -3,14 +3,16 @@
 A torchvision-compatible ResNet-50 (and FFCV's BlurPool wrapper) is written
 here in plain torch, so the test needs neither torchvision nor FFCV. One random
 backbone is shared by all cases; each case adds a head layout, saves the state
-dict with `torch.save`, imports it, restores the workdir the way inference does
-(config.json -> state_spec -> Checkpointer.restore with the meta check) and
-compares every nested logit with the PyTorch model in eval mode.
+dict with `torch.save`, imports it, restores the workdir with `inference.load`
+(config.json, the latest checkpoint, the meta check) and compares every nested
+logit with the PyTorch model in eval mode, at float32's rounding error.
 """
 
 import copy
-import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import ml_collections
@@ -18,15 +20,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flax import nnx
 from torch import nn
 
-from mrl_jax import train_state
-from mrl_jax.checkpointing import Checkpointer
-from mrl_jax.config_checks import nesting_from_config
-from mrl_jax.sharding import make_mesh
+from mrl_jax import inference
+from mrl_jax.errors import ConfigError
 from mrl_jax.tools import import_torch
 from mrl_jax.tools.import_torch import StateDictError
+
+from conftest import subprocess_env
+from float32_tolerance import float32_atol
 
 NUM_CLASSES = 10
 MRL_DIMS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -179,37 +181,21 @@ def _torch_logits(body, head, images) -> np.ndarray:
 
 def _restore_and_run(workdir: str, images: np.ndarray) -> tuple[ml_collections.ConfigDict,
                                                                 np.ndarray]:
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.compute_dtype = "float32"  # the recipe computes in bf16; compare at float32
-  nesting = nesting_from_config(config)
-  checkpointer = Checkpointer(workdir, every_steps=0)
-  try:
-    step = checkpointer.latest_step()
-    assert step == import_torch.IMPORT_STEP
-    num_classes = checkpointer.read_meta(step)["num_classes"]
-    spec = train_state.state_spec(config, num_classes=num_classes, in_channels=3,
-                                  num_train_examples=1000)
-    mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
-    shardings = train_state.state_shardings(config, spec.abstract, mesh)
-    state = checkpointer.restore(step, train_state.restore_target(spec.abstract, shardings),
-                                 None, train_state.checkpoint_meta(config, nesting, num_classes))
-  finally:
-    checkpointer.close()
-  assert int(state["step"]) == 0
-
-  @jax.jit
-  def forward(params, model_state, x):
-    return nnx.merge(spec.graphdef, params, model_state)(x, train=False)
-
-  with jax.default_matmul_precision("highest"):
-    _, logits = forward(state["params"], state["model_state"], images)
-  return config, np.asarray(logits)
+  """The workdir as users get it: `inference.load`, with the config.json the import wrote."""
+  model = inference.load(workdir)
+  assert model.step == import_torch.IMPORT_STEP
+  # The ImageNet recipe trains in bfloat16; an import computes what PyTorch did.
+  assert model.config.compute_dtype == "float32"
+  with jax.default_matmul_precision("highest"):  # No TF32 where a GPU runs the tests.
+    logits = model.nested_logits(images)
+  return model.config, logits
 
 
 def _assert_close(got, want):
+  """Equal up to float32 rounding: longest sum a 3x3x512 conv, 53 convs and the head in sequence."""
   assert got.shape == want.shape
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  np.testing.assert_allclose(got, want, rtol=0, atol=float32_atol(np.abs(want).max(),
+                                                                  fan_in=3 * 3 * 512, depth=54))
 
 
 def _save(tmp_path, sd) -> str:
@@ -295,6 +281,52 @@ def test_missing_and_unknown_keys_are_listed_together(body, tmp_path):
     assert key in msg
   assert "missing keys" in msg and "unknown keys" in msg
   assert not os.path.exists(tmp_path / "w" / "config.json")
+
+
+def test_compute_dtype_is_float32_unless_asked():
+  layout = import_torch.detect_layout(_fc(fc__weight=(5, 2048), fc__bias=(5,)), set())
+  assert import_torch.import_config(layout).compute_dtype == "float32"
+  assert import_torch.import_config(layout, "bfloat16").compute_dtype == "bfloat16"
+  with pytest.raises(ConfigError, match="compute_dtype='float16'"):
+    import_torch.import_config(layout, "float16")
+  with pytest.raises(SystemExit):
+    import_torch.main(["--checkpoint", "m.pt", "--workdir", "w", "--compute_dtype", "float16"])
+
+
+# Runs the CLI as `python -m` would, with torch made absent: every import of it
+# fails as for a module that is not installed, whatever site-packages holds.
+_WITHOUT_TORCH = textwrap.dedent("""
+    import importlib.abc, runpy, sys
+
+    class NoTorch(importlib.abc.MetaPathFinder):
+      def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+          raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+    sys.meta_path.insert(0, NoTorch())
+    try:
+      import torch
+    except ModuleNotFoundError:
+      pass
+    else:
+      raise SystemExit("torch is still importable")
+    sys.argv = ["import_torch", *sys.argv[1:]]
+    runpy.run_module("mrl_jax.tools.import_torch", run_name="__main__", alter_sys=True)
+""")
+
+
+def test_cli_without_torch_says_what_to_install(tmp_path):
+  checkpoint = tmp_path / "model.pt"
+  checkpoint.write_bytes(b"not read")
+  done = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, "--checkpoint", str(checkpoint),
+                         "--workdir", str(tmp_path / "w")],
+                        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2, done.stdout + done.stderr
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+  assert lines[0].startswith("error: ") and "pip install torch==2.13.0" in lines[0]
+  assert not (tmp_path / "w").exists()
 
 
 # ---------------------------------------------------------------- layout detection (no model)

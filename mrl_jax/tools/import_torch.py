@@ -4,9 +4,17 @@ r"""Imports an official RAIVNLab/MRL ResNet-50 PyTorch checkpoint into a workdir
     python -m mrl_jax.tools.import_torch --checkpoint r50_mrl1_e1_ff2048.pt --workdir W --efficient
     python -m mrl_jax.tools.import_torch --checkpoint r50_mrl0_e0_ff64.pt --workdir W --ff 64
 
+Needs PyTorch to read the `.pt` file (not in requirements.txt):
+`pip install torch==2.13.0` (the CPU wheel is enough). Exit status: 0 written,
+1 a state dict that does not fit or a non-empty workdir, 2 bad arguments or no
+torch installed (said in one line).
+
 The workdir gets what a training run leaves behind for probing and inference:
 `W/config.json` (the `configs/resnet50_imagenet.py` recipe with the detected
-head, nesting and BlurPool) and an Orbax checkpoint at `W/checkpoints/0` whose
+head, nesting and BlurPool, computing in `--compute_dtype`: float32 by default,
+so the restored logits equal PyTorch's up to float32 rounding; the recipe's
+bfloat16 is faster on accelerators and differs from PyTorch by about 1e-2
+relative) and an Orbax checkpoint at `W/checkpoints/0` whose
 meta is `train_state.checkpoint_meta(config, nesting, num_classes)`. It is saved
 at step 0: the weights are someone else's, no update has been made here, and
 the optimizer state is freshly initialised (SGD momentum zeros). No input
@@ -70,8 +78,17 @@ _NESTED_KEY = re.compile(r"fc\.nesting_classifier_(\d+)\.(weight|bias)")
 _STRIDED_CONV = re.compile(r"layer[2-9]\.0\.(conv2|downsample\.0)")  # v1.5: the 3x3 strides
 
 
+TORCH_INSTALL = "pip install torch==2.13.0"
+COMPUTE_DTYPES = ("float32", "bfloat16")
+DEFAULT_COMPUTE_DTYPE = "float32"
+
+
 class StateDictError(UserError, ValueError):
   """The state dict does not fit the ResNet-50 + nested head layout."""
+
+
+class TorchMissingError(UserError, ModuleNotFoundError):
+  """PyTorch, needed to read the .pt file, is not installed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,9 +245,17 @@ def _recipe(path: str = _RECIPE) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def import_config(layout: Layout) -> ml_collections.ConfigDict:
-  """The ResNet-50 ImageNet recipe, set to the imported head, sizes and BlurPool."""
+def import_config(layout: Layout, compute_dtype: str = DEFAULT_COMPUTE_DTYPE
+                  ) -> ml_collections.ConfigDict:
+  """The ResNet-50 ImageNet recipe, set to the imported head, sizes and BlurPool.
+
+  `compute_dtype` replaces the recipe's bfloat16 (a training choice): float32
+  by default, so the imported model computes what the PyTorch one did.
+  """
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f"compute_dtype={compute_dtype!r}: use one of {COMPUTE_DTYPES}.")
   config = _recipe()
+  config.compute_dtype = compute_dtype
   config.model.depth = DEPTH
   config.model.width = 64
   config.model.blurpool = layout.blurpool
@@ -347,12 +372,13 @@ def _fill(abstract: Any, arrays: Mapping[str, np.ndarray]) -> Any:
 
 def import_state_dict(state_dict: Mapping[str, Any], workdir: str, *,
                       efficient: bool | None = None, ff_dim: int | None = None,
-                      num_classes: int | None = None) -> str:
+                      num_classes: int | None = None,
+                      compute_dtype: str = DEFAULT_COMPUTE_DTYPE) -> str:
   """Writes `workdir`/config.json and a step-0 checkpoint; returns the checkpoint's path."""
   tensors, blurred = clean_state_dict(state_dict)
   layout = detect_layout(tensors, blurred, efficient=efficient, ff_dim=ff_dim,
                          num_classes=num_classes)
-  config = import_config(layout)
+  config = import_config(layout, compute_dtype)
   nesting = nesting_from_config(config)
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
@@ -387,9 +413,18 @@ def import_state_dict(state_dict: Mapping[str, Any], workdir: str, *,
   return os.path.join(checkpointer.directory, str(IMPORT_STEP))
 
 
+def _import_torch() -> Any:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top  # only the importer needs torch
+  except ImportError as e:
+    raise TorchMissingError(
+        f"Reading a PyTorch checkpoint needs torch, which is not installed ({e}): "
+        f"`{TORCH_INSTALL}` (the CPU wheel is enough), then run this again.") from None
+  return torch
+
+
 def load_torch_checkpoint(path: str) -> Mapping[str, Any]:
-  import torch  # only the importer needs torch
-  return torch.load(path, map_location="cpu", weights_only=True)
+  return _import_torch().load(path, map_location="cpu", weights_only=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -405,11 +440,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the head is the fixed-feature baseline on the first K dims")
   parser.add_argument("--num_classes", type=int, default=None,
                       help="check the head has this many classes (default: read it)")
+  parser.add_argument("--compute_dtype", choices=COMPUTE_DTYPES, default=DEFAULT_COMPUTE_DTYPE,
+                      help="written into config.json: float32 (default) computes what PyTorch "
+                           "did; bfloat16 is faster on GPU/TPU, ~1e-2 relative off")
   args = parser.parse_args(argv)
+  try:
+    _import_torch()  # Before anything slow: without torch nothing can be done.
+  except TorchMissingError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   try:
     path = import_state_dict(load_torch_checkpoint(args.checkpoint), args.workdir,
                              efficient=args.efficient or None, ff_dim=args.ff,
-                             num_classes=args.num_classes)
+                             num_classes=args.num_classes, compute_dtype=args.compute_dtype)
   except (StateDictError, ConfigError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
