@@ -12,6 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from mrl_jax.config_args import parse_config_arg
+from mrl_jax.evaluation.probe_settings import default_probe_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -55,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # `--mode=probe`: the paper's SVD / random-feature baselines truncate a model
   # trained without MRL; point baseline_workdir at a `--config.head=ff` run.
-  config.probe = dict(knn_k=5, baseline_workdir=config_dict.placeholder(str))
+  config.probe = default_probe_config()  # Every field: mrl_jax/evaluation/probe_settings.py.
 
   # Logging and checkpoints.
   config.log_every_steps = 25

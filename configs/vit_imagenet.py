@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from mrl_jax.config_args import parse_config_arg
+from mrl_jax.evaluation.probe_settings import default_probe_config
 from mrl_jax.models import vit
 
 
@@ -53,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.mesh = dict(data=-1, fsdp=1, model=1)
   config.sharding_rules = vit.SHARDING_RULES
-  config.probe = dict(knn_k=5, baseline_workdir=config_dict.placeholder(str))
+  config.probe = default_probe_config()  # Every field: mrl_jax/evaluation/probe_settings.py.
 
   config.log_every_steps = 100
   config.eval_every_steps = 2_000

@@ -18,10 +18,13 @@ Check memory per device before booking a pod (no data needed):
 (multi-label 2x2 digit grids, built on first use from real PNG files).
 """
 
+import copy
+
 import ml_collections
 from ml_collections import config_dict
 
 from mrl_jax.config_args import parse_config_arg
+from mrl_jax.evaluation.probe_settings import default_probe_config
 from mrl_jax.models import vit
 
 
@@ -79,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     train_split="train", eval_split="validation", image_size=224,
                     eval_crop_fraction=0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                     worker_count=16)))
-  config.probe = dict(knn_k=5, baseline_workdir=config_dict.placeholder(str))
+  config.probe = default_probe_config()  # Every field: mrl_jax/evaluation/probe_settings.py.
 
   config.log_every_steps = 100
   config.eval_every_steps = 10_000
@@ -113,4 +116,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ev.linear_steps = 20
     ev.data = dict(name="mrl_digits", data_dir=config_dict.placeholder(str), image_size=32,
                    eval_crop_fraction=1.0, mean=(0.5,), std=(0.5,))
+  # `--mode=probe`: label-set metrics per size on the corpus, and k-NN / linear probe /
+  # retrieval per size on the evaluator's single-label data (a copy: --config.probe.data.*
+  # changes only the probe's).
+  config.probe.data = copy.deepcopy(config.evaluators.imagenet_knn.data)
   return config

@@ -47,7 +47,9 @@ def main(argv: list[str]) -> None:
     # Before anything touches devices: in a multi-process run, jax.devices() is global.
     distributed.initialize_from_env()
     if _MODE.value == "probe":
-      probe.run_probe(_WORKDIR.value, _CONFIG.value)
+      # The model comes from the workdir: overrides of model fields are refused there.
+      probe.run_probe(_WORKDIR.value, _CONFIG.value,
+                      overrides=config_flags.get_override_values(flags.FLAGS["config"]))
     elif _MODE.value == "compile_check":
       compile_check.compile_check(_CONFIG.value, _WORKDIR.value)
     else:

@@ -15,12 +15,32 @@ fixed-feature FF model's embedding, random features of it): set
 rows computed on that model's embeddings of the same splits. The same-run
 `svd_*` / `random_*` rows truncate the MRL embedding itself.
 
-config.probe fields (all optional): knn_k (5), retrieval_ks ((10, 25, 50, 100)),
-linear_l2 (1e-4), linear_steps (100), holdout_fraction (0.5), adaptive_splits (30
-random hold-out splits), adaptive_method ("greedy" or "pairwise"), seed (0),
-shortlist_dim (16), shortlist_size (200), funnel_dims ((16, 32, 64, 128, 256)),
-funnel_shortlists ((200, 100, 50, 25, 10)), train_split / test_split (default:
-config.data.train_split / eval_split), batch_size (256), baseline_workdir (None).
+Settings: `config.probe`, every field defined in every config from
+`probe_settings.default_probe_config()` (see that module for the fields and
+their ranges); they are checked before anything is embedded.
+
+The model comes from WORKDIR/config.json and its checkpoint, not from
+`--config`: the config file supplies the data (`config.data`) and the probe
+settings (`config.probe`) only, so probing a `--config.head=ff` workdir with the
+plain quickstart config file is right. A command-line override of any other
+field (`--config.nesting.dims=...`, `--config.head=...`, `--config.model.*`,
+`--config.lr`, ...) cannot take effect, so `main` passes the overrides and
+`run_probe` refuses each one whose value differs from the checkpoint's config
+(ProbeOverrideError naming the field, the value asked for and the checkpoint's);
+one equal to the checkpoint's value is accepted.
+
+Models trained on a multi-label corpus (multi-hot labels, e.g. the JFT-style
+`label_corpus` builds): on the corpus itself (config.data, train / eval
+splits) the probe reports per size `multilabel_head_precision@1` and
+`multilabel_head_map` (the nested head's scores), `multilabel_knn_precision@1`
+(the 1-NN of a test example among the train examples, unit-normalised prefixes)
+and `multilabel_linear_map` (a one-vs-rest linear probe fitted on the train
+embeddings); see `multilabel.py` for the definitions. The single-label metrics
+(linear / k-NN top-1, retrieval, baselines, funnel) run on `config.probe.data`
+when it is set (as the paper measures JFT models on ImageNet-1K), else on
+config.data when it is single-label. The nested head's top-1 and adaptive
+classification always use config.data's test split (the head's classes) when it
+is single-label.
 """
 
 from __future__ import annotations
@@ -35,35 +55,81 @@ import numpy as np
 
 from mrl_jax import inference
 from mrl_jax.data import pipeline
-from mrl_jax.evaluation import adaptive, funnel, knn, retrieval
+from mrl_jax.errors import ConfigError
+from mrl_jax.evaluation import adaptive, funnel, knn, multilabel, probe_settings as settings_lib
+from mrl_jax.evaluation import retrieval
 from mrl_jax.evaluation.linear_probe import linear_probe_top1
 from mrl_jax.evaluation.report import write_report
 
-DEFAULTS = dict(knn_k=5, retrieval_ks=(10, 25, 50, 100), linear_l2=1e-4, linear_steps=100,
-                holdout_fraction=0.5, adaptive_splits=30, adaptive_method="greedy", seed=0,
-                shortlist_dim=16, shortlist_size=200,
-                funnel_dims=(16, 32, 64, 128, 256), funnel_shortlists=(200, 100, 50, 25, 10),
-                train_split=None, test_split=None, batch_size=256, baseline_workdir=None)
+DEFAULTS = settings_lib.DEFAULTS  # One source: mrl_jax/evaluation/probe_settings.py.
+
+# Top-level config fields that probe mode takes from --config; every other field
+# describes the trained model or its training and comes from WORKDIR/config.json.
+PROBE_MODE_FIELDS = ("data", "probe")
+
+
+class ProbeOverrideError(ConfigError):
+  """A command-line override of a field probe mode takes from the checkpoint."""
+
+
+def _plain(value: Any) -> Any:
+  """Comparable form of a config value: ConfigDicts as dicts, lists as tuples."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return value
+
+
+def check_overrides(overrides: dict[str, Any] | None, checkpoint_config: ml_collections.ConfigDict,
+                    workdir: str) -> None:
+  """Refuses `--config.X=` overrides that probe mode cannot apply (see the module doc).
+
+  `overrides` maps dotted field paths to the values given on the command line
+  (ml_collections' `config_flags.get_override_values`).
+  """
+  saved = _plain(checkpoint_config)
+  for path, value in sorted((overrides or {}).items()):
+    if path.split(".")[0] in PROBE_MODE_FIELDS:
+      continue
+    node: Any = saved
+    for part in path.split("."):
+      node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+    if node is _MISSING or _plain(value) != node:
+      where = "is not in it" if node is _MISSING else f"has {path}={node!r}"
+      raise ProbeOverrideError(
+          f"--config.{path}={_plain(value)!r} cannot take effect in --mode=probe: the model "
+          f"comes from {os.path.join(workdir, 'config.json')}, which {where}; probe mode takes "
+          "only --config.data.* and --config.probe.* (drop the flag, or train a workdir with it).")
+
+
+_MISSING = object()
 
 
 def probe_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  settings = dict(DEFAULTS)
-  settings.update((config.get("probe") or ml_collections.ConfigDict()).to_dict())
-  unknown = set(settings) - set(DEFAULTS)
-  if unknown:
-    raise ValueError(f"Unknown config.probe field(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
-  settings["train_split"] = settings["train_split"] or config.data.get("train_split", "train")
-  settings["test_split"] = settings["test_split"] or config.data.get("eval_split", "test")
+  """Checked `config.probe` with defaults filled in and the splits resolved."""
+  settings = settings_lib.check_probe_settings(config.get("probe"))
+  data = settings["data"] if settings["data"] is not None else config.data
+  settings["train_split"] = settings["train_split"] or data.get("train_split", "train")
+  settings["test_split"] = settings["test_split"] or data.get("eval_split", "test")
   return settings
 
 
-def embed_split(model: inference.RestoredModel, data_cfg, split: str,
-                batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(embeddings [N, d], nested logits [n, N, C], labels [N]) of one split, in order."""
+def embed_split(model: inference.RestoredModel, data_cfg, split: str, batch_size: int,
+                in_channels: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(embeddings [N, d], nested logits [n, N, C], labels [N] or multi-hot [N, K]) of a split.
+
+  Grayscale images fed to a model with `in_channels=3` are repeated over the channels.
+  """
   zs, logits, labels = [], [], []
   for batch in pipeline.make_eval_batches(data_cfg, global_batch_size=batch_size, split=split):
     keep = batch["mask"] > 0
-    z, lg = model.embed_and_logits(batch["image"][keep])
+    images = batch["image"][keep]
+    if in_channels == 3 and images.shape[-1] == 1:
+      images = np.repeat(images, 3, axis=-1)
+    z, lg = model.embed_and_logits(images)
     zs.append(z)
     logits.append(lg)
     labels.append(batch["label"][keep])
@@ -132,50 +198,92 @@ def truncation_rows(train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray
   return out
 
 
+def multilabel_rows(train_z: np.ndarray, train_labels: np.ndarray, test_z: np.ndarray,
+                    test_logits: np.ndarray, test_labels: np.ndarray, dims: list[int],
+                    settings: dict[str, Any], log=print) -> dict[str, list[float]]:
+  """Label-set metrics per nesting size on a multi-label corpus (see multilabel.py)."""
+  rows: dict[str, list[float]] = {f"multilabel_{k}": [] for k in (
+      "head_precision@1", "head_map", "knn_precision@1", "linear_map")}
+  for i, m in enumerate(dims):
+    _, idx = knn.knn_search(np.asarray(knn.l2_normalize(test_z[:, :m])),
+                            np.asarray(knn.l2_normalize(train_z[:, :m])), 1)
+    linear = multilabel.linear_probe_scores(train_z[:, :m], train_labels, test_z[:, :m],
+                                            l2=settings["linear_l2"],
+                                            steps=settings["linear_steps"])
+    row = {"head_precision@1": multilabel.head_precision_at_1(test_logits[i], test_labels),
+           "head_map": multilabel.mean_average_precision(test_logits[i], test_labels),
+           "knn_precision@1": multilabel.neighbour_precision_at_1(test_labels,
+                                                                  train_labels[idx[:, 0]]),
+           "linear_map": multilabel.mean_average_precision(linear, test_labels)}
+    for key, value in row.items():
+      rows[f"multilabel_{key}"].append(value)
+    log(f"  multi-label d={m}: head prec@1 {row['head_precision@1']:.4f}, head mAP "
+        f"{row['head_map']:.4f}, 1-NN prec@1 {row['knn_precision@1']:.4f}, linear mAP "
+        f"{row['linear_map']:.4f}")
+  return rows
+
+
 def run_probe(workdir: str, config: ml_collections.ConfigDict | None = None,
-              log=print) -> dict[str, Any]:
-  """Probes the latest checkpoint in `workdir`; `config` supplies data and probe settings."""
+              log=print, *, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Probes the latest checkpoint in `workdir`; `config` supplies data and probe settings.
+
+  `overrides`: the `--config.X=` values given on the command line; any outside
+  config.data / config.probe that differs from the checkpoint's config is refused.
+  """
+  checkpoint_config = inference.load_config(workdir)
+  check_overrides(overrides, checkpoint_config, workdir)
+  config = config or checkpoint_config
+  settings = probe_settings(config)  # Checked before anything is restored or embedded.
+  data_info = pipeline.dataset_info(config.data)
+  single_data = settings["data"]
+  if single_data is not None:
+    if single_data.get("data_dir") is None:  # Unset: look where the training data lives.
+      single_data.data_dir = config.data.get("data_dir")
+    single_info = pipeline.dataset_info(
+        ml_collections.ConfigDict({**single_data.to_dict(), "train_split": settings["train_split"],
+                                   "eval_split": settings["test_split"]}))
+    if single_info.multilabel:
+      raise ConfigError(f"config.probe.data: {single_data.name!r} is multi-label; the k-NN and "
+                        "linear-probe top-1 need single-label data (e.g. imagenet2012).")
+  elif not data_info.multilabel:
+    single_data, single_info = config.data, data_info
+  in_channels = data_info.eval_image_shape[-1]
+
   model = inference.load(workdir)
-  config = config or model.config
-  settings = probe_settings(config)
   model.batch_size = settings["batch_size"]
-  dims, num_classes = list(model.dims), model.num_classes
+  dims = list(model.dims)
   out_dir = os.path.join(workdir, "probe")
   os.makedirs(out_dir, exist_ok=True)
+  batch_size = settings["batch_size"]
 
   start = time.time()
-  train_z, _, train_y = embed_split(model, config.data, settings["train_split"],
-                                    settings["batch_size"])
-  test_z, test_logits, test_y = embed_split(model, config.data, settings["test_split"],
-                                            settings["batch_size"])
-  log(f"Embedded {len(train_z)} train and {len(test_z)} test examples "
-      f"({time.time() - start:.1f} s); probing {len(dims)} sizes.")
+  summary: dict[str, Any] = {"dims": dims, "head": model.config.head, "step": model.step}
+  # The training data's test split: the nested head's own metrics (its classes).
+  head_split = (settings["test_split"] if single_data is config.data
+                else config.data.get("eval_split", "test"))
+  head_z, head_logits, head_y = embed_split(model, config.data, head_split, batch_size,
+                                            in_channels)
+  if data_info.multilabel:
+    corpus_train_z, _, corpus_train_y = embed_split(
+        model, config.data, config.data.get("train_split", "train"), batch_size, in_channels)
+    log(f"Multi-label corpus {config.data.name!r}: {len(corpus_train_z)} train and "
+        f"{len(head_z)} test examples; probing {len(dims)} sizes.")
+    summary["multilabel"] = {"dataset": config.data.name, "num_train": len(corpus_train_z),
+                             "num_test": len(head_z), "num_classes": model.num_classes}
+    summary.update(multilabel_rows(corpus_train_z, corpus_train_y, head_z, head_logits, head_y,
+                                   dims, settings, log=log))
+  else:
+    summary["head_top1"] = [float(np.mean(np.argmax(lg, -1) == head_y)) for lg in head_logits]
+    summary["adaptive_classification"] = adaptive.adaptive_classification(
+        head_logits, head_y, dims, holdout_fraction=settings["holdout_fraction"],
+        seed=settings["seed"], num_splits=settings["adaptive_splits"],
+        method=settings["adaptive_method"])
 
-  summary: dict[str, Any] = {"dims": dims, "num_train": len(train_z), "num_test": len(test_z),
-                             "head": model.config.head, "step": model.step}
-  rng = np.random.default_rng(settings["seed"])
-  summary.update(truncation_rows(train_z, train_y, test_z, test_y, dims, num_classes, settings,
-                                 rng, prefixes=("", "svd_", "random_"), log=log))
-  if settings["baseline_workdir"]:
-    base = inference.load(settings["baseline_workdir"])
-    base.batch_size = settings["batch_size"]
-    base_train_z, _, _ = embed_split(base, config.data, settings["train_split"],
-                                     settings["batch_size"])
-    base_test_z, _, _ = embed_split(base, config.data, settings["test_split"],
-                                    settings["batch_size"])
-    summary["baseline"] = {"workdir": os.path.abspath(settings["baseline_workdir"]),
-                           "head": base.config.head, "step": base.step,
-                           "embedding_dim": int(base_train_z.shape[1])}
-    summary.update(truncation_rows(base_train_z, train_y, base_test_z, test_y, dims,
-                                   num_classes, settings, rng, prefixes=("svd_", "random_"),
-                                   key_prefix="baseline_", log=log))
-  summary["head_top1"] = [float(np.mean(np.argmax(lg, -1) == test_y)) for lg in test_logits]
-
-  summary["adaptive_classification"] = adaptive.adaptive_classification(
-      test_logits, test_y, dims, holdout_fraction=settings["holdout_fraction"],
-      seed=settings["seed"], num_splits=settings["adaptive_splits"],
-      method=settings["adaptive_method"])
-  summary["funnel_retrieval"] = retrieval_comparison(train_z, train_y, test_z, test_y, settings)
+  if single_data is not None:
+    summary.update(single_label_rows(model, config, single_data, single_info.num_classes,
+                                     settings, dims, in_channels,
+                                     test=(head_z, head_y) if single_data is config.data else None,
+                                     log=log))
   summary["probe_seconds"] = round(time.time() - start, 1)
 
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
@@ -183,6 +291,48 @@ def run_probe(workdir: str, config: ml_collections.ConfigDict | None = None,
   write_report(summary, out_dir)
   log(f"Wrote {out_dir}/summary.json, report.md and plots.")
   return summary
+
+
+def single_label_rows(model: inference.RestoredModel, config: ml_collections.ConfigDict,
+                      data: ml_collections.ConfigDict, num_classes: int,
+                      settings: dict[str, Any], dims: list[int], in_channels: int, *,
+                      test: tuple[np.ndarray, np.ndarray] | None = None,
+                      log=print) -> dict[str, Any]:
+  """k-NN / linear probe / retrieval / truncation baselines / funnel on single-label `data`.
+
+  `test`: the test split's (embeddings, labels) when already embedded.
+  """
+  batch_size = settings["batch_size"]
+  train_z, _, train_y = embed_split(model, data, settings["train_split"], batch_size,
+                                    in_channels)
+  if test is None:
+    test_z, _, test_y = embed_split(model, data, settings["test_split"], batch_size,
+                                    in_channels)
+  else:
+    test_z, test_y = test
+  log(f"Embedded {len(train_z)} train and {len(test_z)} test examples of {data.name!r}; "
+      f"probing {len(dims)} sizes.")
+  out: dict[str, Any] = {"num_train": len(train_z), "num_test": len(test_z)}
+  if data is not config.data:
+    out["single_label_dataset"] = data.name
+  rng = np.random.default_rng(settings["seed"])
+  out.update(truncation_rows(train_z, train_y, test_z, test_y, dims, num_classes, settings,
+                             rng, prefixes=("", "svd_", "random_"), log=log))
+  if settings["baseline_workdir"]:
+    base = inference.load(settings["baseline_workdir"])
+    base.batch_size = batch_size
+    base_train_z, _, _ = embed_split(base, data, settings["train_split"], batch_size,
+                                     in_channels)
+    base_test_z, _, _ = embed_split(base, data, settings["test_split"], batch_size,
+                                    in_channels)
+    out["baseline"] = {"workdir": os.path.abspath(settings["baseline_workdir"]),
+                       "head": base.config.head, "step": base.step,
+                       "embedding_dim": int(base_train_z.shape[1])}
+    out.update(truncation_rows(base_train_z, train_y, base_test_z, test_y, dims,
+                               num_classes, settings, rng, prefixes=("svd_", "random_"),
+                               key_prefix="baseline_", log=log))
+  out["funnel_retrieval"] = retrieval_comparison(train_z, train_y, test_z, test_y, settings)
+  return out
 
 
 def retrieval_comparison(train_z, train_y, test_z, test_y, settings) -> dict[str, Any]:

@@ -104,18 +104,41 @@ def _adaptive_lines(adaptive: dict[str, Any]) -> list[str]:
 def write_report(summary: dict[str, Any], out_dir: str) -> None:
   """Writes the PNG plots and report.md into `out_dir`."""
   images = []
-  for key, title in METRICS:
+  # A multi-label model probed without a single-label dataset has no single-label rows.
+  single = "linear_top1" in summary
+  for key, title in METRICS if single else ():
     name = f"{key.replace('@', '_at_')}.png"
     _plot_metric(summary, key, title, os.path.join(out_dir, name))
     images.append((title, name))
-  _plot_cascade(summary["adaptive_classification"], os.path.join(out_dir, "cascade.png"))
-  _plot_retrieval(summary["funnel_retrieval"], os.path.join(out_dir, "retrieval.png"))
-  images += [("Adaptive classification", "cascade.png"), ("Retrieval cost", "retrieval.png")]
+  if "adaptive_classification" in summary:
+    _plot_cascade(summary["adaptive_classification"], os.path.join(out_dir, "cascade.png"))
+    images.append(("Adaptive classification", "cascade.png"))
+  if "funnel_retrieval" in summary:
+    _plot_retrieval(summary["funnel_retrieval"], os.path.join(out_dir, "retrieval.png"))
+    images.append(("Retrieval cost", "retrieval.png"))
 
-  lines = [f"# Probe report (step {summary['step']}, {summary['head']} head)", "",
-           f"{summary['num_train']} train embeddings (database / probe training), "
-           f"{summary['num_test']} test queries. Numbers are percentages.", "",
-           "## Per size: MRL prefix", ""]
+  lines = [f"# Probe report (step {summary['step']}, {summary['head']} head)", ""]
+  if "multilabel" in summary:
+    ml = summary["multilabel"]
+    lines += [f"## Per size: multi-label corpus `{ml['dataset']}`", "",
+              f"{ml['num_train']} train embeddings (1-NN database, linear-probe training), "
+              f"{ml['num_test']} test examples, {ml['num_classes']} labels. prec@1: the top "
+              "class / the 1-NN shares a label with the example; mAP: mean over labels of "
+              "the AP of ranking the test examples by that label's score. Percentages.", ""]
+    lines += _table(summary, [("multilabel_head_precision@1", "head prec@1"),
+                              ("multilabel_head_map", "head mAP"),
+                              ("multilabel_knn_precision@1", "1-NN prec@1"),
+                              ("multilabel_linear_map", "linear mAP")])
+    lines.append("")
+  if not single:
+    lines += [""] + [f"![{title}]({name})" for title, name in images] + [""]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+      f.write("\n".join(lines))
+    return
+  on = f" of `{summary['single_label_dataset']}`" if "single_label_dataset" in summary else ""
+  lines += [f"{summary['num_train']} train embeddings{on} (database / probe training), "
+            f"{summary['num_test']} test queries. Numbers are percentages.", "",
+            "## Per size: MRL prefix", ""]
   lines += _table(summary, [("linear_top1", "linear"), ("knn1_top1", "1-NN"),
                             ("map@10", "mAP@10"), ("head_top1", "head")])
   lines += ["", "## Per size: baselines from the same embeddings (1-NN / linear)", ""]
@@ -130,7 +153,8 @@ def write_report(summary: dict[str, Any], out_dir: str) -> None:
                               ("baseline_svd_linear_top1", "SVD linear"),
                               ("baseline_random_knn1_top1", "random 1-NN"),
                               ("baseline_random_linear_top1", "random linear")])
-  lines += _adaptive_lines(summary["adaptive_classification"])
+  adaptive = summary.get("adaptive_classification")  # None: multi-label head
+  lines += [] if adaptive is None else _adaptive_lines(adaptive)
   lines += ["## Retrieval: single-shot vs adaptive vs funnel", "",
             "| method | mAP@10 | top-1 | MFLOPs/query | wall s |", "|---|---|---|---|---|"]
   for name, r in summary["funnel_retrieval"].items():
