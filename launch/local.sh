@@ -64,6 +64,11 @@ if [[ "$DRY_RUN" == 1 ]]; then
 fi
 
 mkdir -p "$LOG_DIR"
+# Every log exists before any process starts: a child opens its own redirection
+# only once it runs, so one killed early (another failed first) would leave none.
+for ((i = 0; i < NUM_PROCESSES; i++)); do
+  : > "$LOG_DIR/process_$i.log"
+done
 pids=()
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   mapfile -t vars < <(process_env "$i")
