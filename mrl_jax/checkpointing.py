@@ -16,6 +16,14 @@ renames) is ignored, and before this process's first save it is renamed
 `<step>.incomplete` (kept for inspection, never read) so that the step can be
 written again and does not count towards `keep`.
 
+A committed step can still be unreadable (a data file truncated or deleted by
+a disk or sync fault after the commit). `restore_latest` tries the newest
+committed step and, if Orbax cannot read it, says so in one console line,
+renames it `<step>.corrupt` (kept, never deleted, no longer counted towards
+`keep`, so garbage collection cannot remove the last readable step in its
+place) and tries the next newest. A checkpoint written for another setup is
+not unreadable: that CheckpointMismatchError is the user's to fix and is raised.
+
 Every process takes part in every save and restore (Orbax synchronises them).
 A checkpoint restores on any process count and mesh: the state is resharded
 onto the target shardings, and the iterator state is stored once
@@ -27,9 +35,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
-from absl import logging
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -41,10 +50,29 @@ class CheckpointMismatchError(UserError, ValueError):
   """The checkpoint in the workdir was written for a different model setup."""
 
 
+class CheckpointUnreadableError(UserError, OSError):
+  """A checkpoint asked for by step exists but Orbax cannot read it."""
+
+
+def unreadable_reason(error: BaseException) -> str:
+  """`Type: first line of the message`, short enough for one console line."""
+  lines = str(error).strip().splitlines()
+  first = lines[0].strip() if lines else ""
+  if len(first) > 160:
+    first = first[:157] + "..."
+  return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _console_on_process_0(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, file=sys.stdout, flush=True)
+
+
 ITERATOR_STATE_FILE = "iterator_state.json"
 # What Orbax writes into a step folder as the last thing before committing it.
 COMMIT_MARKER = "commit_success.txt"
 INCOMPLETE_SUFFIX = ".incomplete"
+CORRUPT_SUFFIX = ".corrupt"
 # What grain.checkpoint.CheckpointHandler wrote (one file per process) before
 # IteratorStateHandler existed; process 0's is read from such checkpoints.
 _GRAIN_PROCESS_0_FILES = "process_0-of-*.json"
@@ -121,7 +149,7 @@ class Checkpointer:
   """Saves every `every_steps` (and when forced), keeps the newest `keep`."""
 
   def __init__(self, workdir: str, *, every_steps: int, keep: int = 3,
-               async_save: bool = True):
+               async_save: bool = True, console: Callable[[str], None] | None = None):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.every_steps = every_steps
     self._manager = ocp.CheckpointManager(
@@ -134,6 +162,8 @@ class Checkpointer:
             "meta": ocp.JsonCheckpointHandler(),
         })
     self._incomplete_set_aside = False
+    # The project's own warnings (set-aside folders) go to the console, not the library log.
+    self._console = console or _console_on_process_0
 
   def is_complete(self, step: int) -> bool:
     """Whether the folder of `step` holds a committed checkpoint (see module doc)."""
@@ -144,28 +174,41 @@ class Checkpointer:
     complete = [step for step in self._manager.all_steps() if self.is_complete(step)]
     return max(complete, default=None)
 
+  def _set_aside(self, reasons: dict[int, str], suffix: str) -> None:
+    """Renames each step folder to `<step><suffix>` (process 0; the others wait).
+
+    `reasons[step]` is the console line's "why". Nothing is deleted: an
+    existing target gets a `.1`, `.2`, ... suffix instead.
+    """
+    if jax.process_index() == 0:
+      for step, reason in sorted(reasons.items()):
+        folder = epath.Path(self.directory) / str(step)
+        target = folder.parent / f"{step}{suffix}"
+        k = 1
+        while target.exists():
+          target, k = folder.parent / f"{step}{suffix}.{k}", k + 1
+        folder.rename(target)
+        line = f"warning: checkpoint step {step} {reason}; renamed to {target.name} and ignored."
+        self._console(line)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"mrl_jax_checkpoint_set_aside{suffix}")
+    self._manager.reload()
+
   def _set_aside_incomplete(self) -> None:
     """Renames step folders without a commit marker to `<step>.incomplete` (once)."""
     if self._incomplete_set_aside:
       return
     self._incomplete_set_aside = True
     incomplete = [step for step in self._manager.all_steps() if not self.is_complete(step)]
-    if not incomplete:
-      return
-    if jax.process_index() == 0:
-      for step in incomplete:
-        folder = epath.Path(self.directory) / str(step)
-        target = folder.parent / f"{step}{INCOMPLETE_SUFFIX}"
-        k = 1
-        while target.exists():
-          target, k = folder.parent / f"{step}{INCOMPLETE_SUFFIX}.{k}", k + 1
-        logging.warning("Checkpoint folder %s has no %s: it was never completed; renamed to "
-                        "%s and ignored.", folder, COMMIT_MARKER, target.name)
-        folder.rename(target)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices("mrl_jax_checkpoint_set_aside_incomplete")
-    self._manager.reload()
+    if incomplete:
+      self._set_aside({step: f"has no {COMMIT_MARKER} (it was never completed)"
+                       for step in incomplete}, INCOMPLETE_SUFFIX)
+
+  def set_aside_unreadable(self, step: int, error: BaseException) -> None:
+    """Renames the committed but unreadable `step` to `<step>.corrupt`, with one console line."""
+    self._set_aside({step: f"in {self.directory} is unreadable ({unreadable_reason(error)})"},
+                    CORRUPT_SUFFIX)
 
   def should_save(self, step: int) -> bool:
     return self.every_steps > 0 and step % self.every_steps == 0
@@ -201,7 +244,27 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = IteratorStateRestore(data_iterator)
-    return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    state = self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    # Any read deferred by the restore fails here, inside the caller's try.
+    return jax.block_until_ready(state)
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any | None,
+                     meta: dict[str, Any]) -> tuple[int | None, Any]:
+    """(step, state) of the newest readable checkpoint; (None, None) if there is none.
+
+    Unreadable steps on the way are set aside (see module doc). Any error from
+    reading a step counts as unreadable except CheckpointMismatchError, which
+    is raised: that checkpoint is fine, the config is not the one it was
+    trained with.
+    """
+    while (step := self.latest_step()) is not None:
+      try:
+        return step, self.restore(step, abstract_state, data_iterator, meta)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # Whatever Orbax or TensorStore raise.
+        self.set_aside_unreadable(step, e)
+    return None, None
 
   def close(self) -> None:
     self._manager.wait_until_finished()

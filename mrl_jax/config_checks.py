@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
 
 from mrl_jax import models
@@ -10,6 +12,17 @@ from mrl_jax.nesting import Nesting
 from mrl_jax.sharding import BATCH_AXES, MESH_AXES, mesh_shape
 
 LOSSES = ("softmax", "sigmoid")
+NONFINITE_MODES = ("stop", "skip")
+# Fields that count steps (or checkpoints), the least each may be, and what the least means.
+_COUNTS = (
+    ("log_every_steps", 1, ""),
+    ("eval_every_steps", 0, " (0: no evaluation during training)"),
+    ("checkpoint_every_steps", 0, " (0: only at the end)"),
+    ("keep_checkpoints", 1, ""),
+    ("max_nonfinite_steps", 0, ""),
+    ("grad_accum_steps", 1, ""),
+    ("total_steps", 0, ""),
+)
 
 
 def nesting_from_config(config: ml_collections.ConfigDict) -> Nesting:
@@ -19,9 +32,27 @@ def nesting_from_config(config: ml_collections.ConfigDict) -> Nesting:
   return Nesting.create(dims, weights, embedding_dim=models.embedding_dim(config))
 
 
+def _check_loop_fields(config: ml_collections.ConfigDict) -> None:
+  """Intervals and counts are ints in range; on_nonfinite is a known mode."""
+  for name, least, meaning in _COUNTS:
+    value = config.get(name)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise ConfigError(f"config.{name}={value!r}: use an integer >= {least}{meaning}.")
+  epochs = config.get("total_epochs")
+  if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float))
+                             or not epochs >= 0):
+    raise ConfigError(f"config.total_epochs={epochs!r}: use a number >= 0.")
+  mode = config.get("on_nonfinite", "stop")
+  if mode not in NONFINITE_MODES:
+    raise ConfigError(f"config.on_nonfinite={mode!r}: use one of {NONFINITE_MODES}.")
+
+
 def check_config(config: ml_collections.ConfigDict, *, num_devices: int,
                  process_count: int) -> Nesting:
   """Raises ConfigError naming the field to fix; returns the checked nesting."""
+  _check_loop_fields(config)
   models.compute_dtype(config)
   nesting = nesting_from_config(config)
   if config.loss not in LOSSES:
@@ -46,3 +77,40 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int,
   if not (config.get("total_steps") or config.get("total_epochs")):
     raise ConfigError("Set config.total_steps or config.total_epochs (> 0).")
   return nesting
+
+
+def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every field's dotted path (nested configs and their fields both)."""
+  names = []
+  for key, value in config.items():
+    names.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      names += field_names(value, f"{prefix}{key}.")
+  return names
+
+
+def unknown_field(config: ml_collections.ConfigDict, path: str) -> str | None:
+  """A one-line message if `path` ("model.depth") names no field of `config`, else None.
+
+  The message names the closest existing fields (difflib over every dotted
+  field name), or the top-level fields when nothing is close.
+  """
+  node, parts = config, path.split(".")
+  for i, part in enumerate(parts):
+    if isinstance(node, ml_collections.ConfigDict) and part in node:
+      node = node[part]
+      continue
+    close = difflib.get_close_matches(path, field_names(config), n=3, cutoff=0.6)
+    if not close and i and isinstance(node, ml_collections.ConfigDict):
+      # A typo in a nested name: compare with that sub-config's own fields.
+      parent = ".".join(parts[:i])
+      close = [f"{parent}.{n}" for n in difflib.get_close_matches(part, list(node), n=3,
+                                                                  cutoff=0.6)]
+    if close:
+      hint = " Did you mean " + " or ".join(f"config.{c}" for c in close) + "?"
+    elif i == 0:
+      hint = " Its fields: " + ", ".join(sorted(config.keys())) + "."
+    else:
+      hint = ""
+    return f"--config.{path}: the config has no field config.{'.'.join(parts[:i + 1])}.{hint}"
+  return None

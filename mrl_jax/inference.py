@@ -19,25 +19,46 @@ import numpy as np
 from flax import nnx
 
 from mrl_jax import sharding, train_state
-from mrl_jax.checkpointing import Checkpointer
+from mrl_jax.checkpointing import (Checkpointer, CheckpointMismatchError,
+                                   CheckpointUnreadableError, unreadable_reason)
 from mrl_jax.config_checks import nesting_from_config
 from mrl_jax.evaluation.knn import l2_normalize
 from mrl_jax.errors import UserError
 
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):
-  """The workdir has no config or no complete checkpoint."""
+  """The workdir has no config or no complete (readable) checkpoint."""
+
+
+class ConfigFileError(UserError, ValueError):
+  """The workdir's config.json cannot be read."""
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config `workdir` was trained with (WORKDIR/config.json)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise CheckpointNotFoundError(
         f"{path} does not exist: {workdir} is not an mrl_jax workdir. Train into it with "
         "`python -m mrl_jax.main --config ... --workdir DIR`, or import a PyTorch checkpoint "
         "with `python -m mrl_jax.tools.import_torch`.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(read_config_json(path))
+
+
+def read_config_json(path: str) -> dict[str, Any]:
+  """The dict in a workdir's config.json; a truncated or hand-broken file is a UserError."""
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigFileError(
+        f"{path} is not valid JSON ({unreadable_reason(e)}): it was cut short or edited. "
+        "Restore it from a copy, or rerun training with the same --config (it rewrites "
+        "config.json once a checkpoint is restored).") from e
+  if not isinstance(saved, dict):
+    raise ConfigFileError(f"{path} holds a JSON {type(saved).__name__}, not the config object "
+                          "training writes: restore it from a copy.")
+  return saved
 
 
 class RestoredModel:
@@ -107,27 +128,48 @@ class RestoredModel:
 
 
 def load(workdir: str, *, step: int | None = None, batch_size: int = 256) -> RestoredModel:
-  """Restores `workdir`'s latest (or given) checkpoint onto all local devices."""
+  """Restores `workdir`'s latest readable (or the given) checkpoint onto all local devices.
+
+  Without `step`, a committed but unreadable newest checkpoint is set aside as
+  `<step>.corrupt` (one console line) and the next newest is restored, as
+  training does on resume.
+  """
   workdir = os.path.abspath(workdir)
   config = load_config(workdir)
   checkpointer = Checkpointer(workdir, every_steps=0)
+  # Inference is pure data parallelism over whatever devices this process has.
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
+  nesting = nesting_from_config(config)
+  set_aside = []
   try:
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointNotFoundError(
-          f"No complete checkpoint in {checkpointer.directory}: train first, or check --workdir.")
-    saved_meta = checkpointer.read_meta(step)
-    num_classes = int(saved_meta["num_classes"])
-    in_channels = int(saved_meta.get("in_channels", 3))
-    spec = train_state.state_spec(config, num_classes=num_classes, in_channels=in_channels,
-                                  num_train_examples=1)
-    # Inference is pure data parallelism over whatever devices this process has.
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
-    shardings = train_state.state_shardings(config, spec.abstract, mesh)
-    meta = train_state.checkpoint_meta(config, nesting_from_config(config), num_classes,
-                                       in_channels)
-    state = checkpointer.restore(step, train_state.restore_target(spec.abstract, shardings),
-                                 None, meta)
+    while True:
+      wanted = checkpointer.latest_step() if step is None else step
+      if wanted is None:
+        raise CheckpointNotFoundError(
+            f"No complete checkpoint in {checkpointer.directory}"
+            + (f" (unreadable, set aside: {', '.join(map(str, set_aside))})" if set_aside else "")
+            + ": train first, or check --workdir.")
+      try:
+        saved_meta = checkpointer.read_meta(wanted)
+        num_classes = int(saved_meta["num_classes"])
+        in_channels = int(saved_meta.get("in_channels", 3))
+        spec = train_state.state_spec(config, num_classes=num_classes, in_channels=in_channels,
+                                      num_train_examples=1)
+        shardings = train_state.state_shardings(config, spec.abstract, mesh)
+        meta = train_state.checkpoint_meta(config, nesting, num_classes, in_channels)
+        state = checkpointer.restore(wanted, train_state.restore_target(spec.abstract, shardings),
+                                     None, meta)
+        break
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # Whatever Orbax or TensorStore raise.
+        if step is not None:  # Asked for by number: nothing else to fall back on.
+          raise CheckpointUnreadableError(
+              f"Checkpoint step {step} in {checkpointer.directory} is unreadable "
+              f"({unreadable_reason(e)}): pass another step, or none for the newest "
+              "readable one.") from e
+        checkpointer.set_aside_unreadable(wanted, e)
+        set_aside.append(wanted)
   finally:
     checkpointer.close()
-  return RestoredModel(config, spec, state, mesh, step, num_classes, batch_size)
+  return RestoredModel(config, spec, state, mesh, wanted, num_classes, batch_size)

@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 
 from mrl_jax import init_from, perf, sharding, train_state
 from mrl_jax.checkpointing import Checkpointer
-from mrl_jax.config_checks import check_config
+from mrl_jax.config_checks import NONFINITE_MODES, check_config
 from mrl_jax.errors import ConfigError, UserError
 from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, Throughput, format_eta
@@ -33,9 +33,6 @@ def per_size_metrics(prefix: str, name: str, dims: tuple[int, ...], values: np.n
 
 class NonFiniteError(UserError, FloatingPointError):
   """Training produced a NaN or Inf loss or gradient (and config.on_nonfinite says stop)."""
-
-
-NONFINITE_MODES = ("stop", "skip")
 
 
 class _NonFiniteGuard:
@@ -128,13 +125,14 @@ class _PreemptionFlag:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the configured MRL model; returns the summary it writes."""
   # ---------------------------------------------------------------- checks
+  # The config first: a bad field stops the run before any data is opened or built.
+  nesting = check_config(config, num_devices=jax.device_count(),
+                         process_count=jax.process_count())
   data_info = pipeline.dataset_info(config.data)
   if config.get("num_classes") and config.num_classes != data_info.num_classes:
     raise ConfigError(f"config.num_classes={config.num_classes} but {config.data.name!r} has "
                       f"{data_info.num_classes} classes: set --config.num_classes="
                       f"{data_info.num_classes} (or point config.data at the intended dataset).")
-  nesting = check_config(config, num_devices=jax.device_count(),
-                         process_count=jax.process_count())
   dims = nesting.dims
   writer = MetricWriter(workdir)
 
@@ -190,18 +188,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------------------- init or restore
   checkpointer = Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
                               keep=config.get("keep_checkpoints", 3),
-                              async_save=config.get("async_checkpointing", True))
+                              async_save=config.get("async_checkpointing", True),
+                              console=writer.console)
   meta = train_state.checkpoint_meta(config, nesting, data_info.num_classes,
                                      data_info.image_shape[-1])
-  latest = checkpointer.latest_step()
+  had_checkpoints = checkpointer.latest_step() is not None
+  # Unreadable steps are set aside on the way to the newest readable one.
+  latest, state = checkpointer.restore_latest(
+      train_state.restore_target(spec.abstract, state_shardings), train_iter, meta)
   if latest is None:
+    if had_checkpoints:
+      writer.console(f"No readable checkpoint is left in {checkpointer.directory}: "
+                     "training starts from scratch.")
+      train_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size,
+                                                seed=config.seed)
     state = jax.jit(spec.init, out_shardings=state_shardings)()
     if (config.get("init_from") or {}).get("workdir"):
       state = init_from.load_pretrained(state, config.init_from, log=writer.console)
     first_step = 0
   else:
-    state = checkpointer.restore(
-        latest, train_state.restore_target(spec.abstract, state_shardings), train_iter, meta)
     first_step = int(host_values(state["step"]))
     writer.console(f"Resumed from {checkpointer.directory}/{latest} (step {first_step}).")
   # The config travels with the checkpoints: probing and inference rebuild the model

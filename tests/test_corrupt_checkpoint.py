@@ -1,0 +1,136 @@
+"""Committed checkpoints made unreadable afterwards, and a cut-short config.json.
+
+Real files: a tiny run trains once (steps 3 and 6 saved); each test works on a
+copy of its workdir in which the newest step's Orbax data is damaged the way a
+disk or an interrupted sync damages it (a data file cut in half, or the OCDBT
+manifest gone) while its commit marker stays. Resuming must continue from step
+3 with the uninterrupted run's losses to the last bit, and probing (which
+restores through `inference.load`) must restore step 3; the damaged folder is
+kept as `6.corrupt`, never deleted.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from mrl_jax import inference, train
+from mrl_jax.checkpointing import CORRUPT_SUFFIX, Checkpointer
+from test_train import quickstart_config, train_losses
+
+STEPS, EVERY = 6, 3
+
+
+def _config(data_dir):
+  # keep_checkpoints=2: the resumed run saves step 6 anew beside step 3, and the
+  # set-aside folder does not count towards the two kept.
+  return quickstart_config(data_dir, total_steps=STEPS, checkpoint_every_steps=EVERY,
+                           keep_checkpoints=2)
+
+
+@pytest.fixture(scope="module")
+def trained(digits_data_dir, tmp_path_factory):
+  """(workdir, {step: loss}) of an uninterrupted run; copy it, never modify it."""
+  workdir = tmp_path_factory.mktemp("trained")
+  train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+  return workdir, train_losses(workdir)
+
+
+def _damage(state_dir, how: str) -> None:
+  if how == "truncated_data_file":
+    data = os.path.join(state_dir, "ocdbt.process_0", "d")
+    biggest = max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+      f.truncate(os.path.getsize(biggest) // 2)
+  else:
+    os.remove(os.path.join(state_dir, "manifest.ocdbt"))
+
+
+def _damaged_copy(trained, tmp_path, how: str):
+  source, _ = trained
+  workdir = tmp_path / "workdir"
+  shutil.copytree(source, workdir)
+  _damage(workdir / "checkpoints" / "6" / "state", how)
+  assert os.path.exists(workdir / "checkpoints" / "6" / "commit_success.txt")
+  return workdir
+
+
+HOW = ["truncated_data_file", "no_manifest"]
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_probe_restores_the_newest_readable_step(trained, tmp_path, capsys, how):
+  workdir = _damaged_copy(trained, tmp_path, how)
+  model = inference.load(str(workdir))
+  assert model.step == 3
+  lines = [l for l in capsys.readouterr().out.splitlines() if "unreadable" in l]
+  assert len(lines) == 1 and "step 6" in lines[0] and "6.corrupt" in lines[0], lines
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6" + CORRUPT_SUFFIX]
+  # Step 3's parameters, as a direct restore of the untouched run reads them.
+  source, _ = trained
+  reference = inference.load(str(source), step=3)
+  for a, b in zip(jax_leaves(model.params), jax_leaves(reference.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_probe_with_no_readable_step_is_one_line(trained, tmp_path):
+  workdir = _damaged_copy(trained, tmp_path, "no_manifest")
+  _damage(workdir / "checkpoints" / "3" / "state", "no_manifest")
+  with pytest.raises(inference.CheckpointNotFoundError, match="set aside: 6, 3") as e:
+    inference.load(str(workdir))
+  assert "\n" not in str(e.value)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3.corrupt", "6.corrupt"]
+
+
+def test_asking_for_an_unreadable_step_is_one_line(trained, tmp_path):
+  workdir = _damaged_copy(trained, tmp_path, "no_manifest")
+  with pytest.raises(inference.CheckpointUnreadableError, match="step 6") as e:
+    inference.load(str(workdir), step=6)
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_newest_readable_step(trained, digits_data_dir, tmp_path,
+                                                        capsys):
+  _, expected = trained
+  workdir = _damaged_copy(trained, tmp_path, "truncated_data_file")
+  with open(workdir / "config.json", "r+") as f:  # Training does not need it; it rewrites it.
+    f.truncate(10)
+  rows_before = len(open(workdir / "metrics.jsonl").readlines())
+  capsys.readouterr()
+  summary = train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+  out = capsys.readouterr().out
+  assert summary["steps"] == STEPS
+  lines = [l for l in out.splitlines() if "unreadable" in l]
+  assert len(lines) == 1 and "step 6" in lines[0], out
+  assert f"Resumed from {workdir}/checkpoints/3 (step 3)." in out
+  with open(workdir / "metrics.jsonl") as f:
+    rows = [json.loads(l) for l in f.readlines()[rows_before:]]
+  resumed = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+  assert sorted(resumed) == [4, 5, 6]
+  for step, loss in resumed.items():  # CPU, same batches: identical to the last bit.
+    assert loss == expected[step], step
+  # Step 3 survived the resumed run's garbage collection; the damaged folder is kept.
+  names = sorted(os.listdir(workdir / "checkpoints"))
+  assert names == ["3", "6", "6" + CORRUPT_SUFFIX], names
+  with open(workdir / "config.json") as f:
+    assert json.load(f)["total_steps"] == STEPS
+
+
+def test_truncated_config_json_is_one_line(trained, tmp_path):
+  source, _ = trained
+  workdir = tmp_path / "workdir"
+  shutil.copytree(source, workdir)
+  with open(workdir / "config.json", "r+") as f:
+    f.truncate(100)
+  with pytest.raises(inference.ConfigFileError, match="config.json is not valid JSON") as e:
+    inference.load(str(workdir))
+  assert "\n" not in str(e.value)
