@@ -108,12 +108,22 @@ for database, queries, metric in cases:
   np.testing.assert_array_equal(four[1], one[1])
   np.testing.assert_allclose(four[0], one[0], rtol=1e-6)
   assert list(four[1][0, :2]) == [17, 900], four[1][0]
+# Plain Gaussian data, 301 rows (not a multiple of 4 devices): ids and distances vs brute force.
+rng = np.random.default_rng(0)
+database = rng.normal(size=(301, 8)).astype(np.float32)
+database[17] = database[250]
+queries = np.concatenate([rng.normal(size=(20, 8)), database[250:251]]).astype(np.float32)
+dist, idx = knn.knn_search(queries, database, 7, db_block=32)
+brute = t.brute_force(queries, database)
+expected = np.argsort(brute, axis=1, kind="stable")[:, :7]
+np.testing.assert_array_equal(idx, expected)
+np.testing.assert_allclose(dist, np.take_along_axis(brute, expected, 1), rtol=1e-5, atol=1e-6)
 print("sharded precision ok")
 """
 
 
 def test_sharded_search_keeps_precision_and_ties():
-  """4 CPU devices give the single-device ids (and the smaller index first on ties)."""
+  """4 CPU devices give the single-device ids and float64's (the smaller index first on ties)."""
   import os
 
   from conftest import subprocess_env
