@@ -35,7 +35,14 @@ Pairwise search (`method="pairwise"`), the official MRL code's protocol
   notebook: > t; they differ only for confidences exactly on a grid value, such
   as a saturated softmax of 1.0 at t = 1.0), NEVER is a candidate after the grid
   (a size can be switched off), and the held-out part is `holdout_fraction` of
-  the examples (the notebook: 10,000 of ImageNet's 50,000, i.e. 0.2).
+  the examples (the notebook: 10,000 of ImageNet's 50,000, i.e. 0.2) drawn
+  from a seeded generator (the notebook: unseeded np.random.choice). The
+  notebook's softmaxes come from test-time augmentation (`--tta`); here they
+  are whatever logits are passed. Since a pair never sees the sizes after it,
+  a pair whose two sizes are both wrong on the hard examples sends them on
+  with any threshold, and they stop there even where a later size is right:
+  on such data the greedy search keeps the full size's accuracy and the
+  pairwise one does not.
 
 Protocol (`adaptive_classification`): split the examples with a seeded
 permutation into a held-out part (threshold search only) and the rest
