@@ -38,11 +38,11 @@ Pairwise search (`method="pairwise"`), the official MRL code's protocol
   the examples (the notebook: 10,000 of ImageNet's 50,000, i.e. 0.2) drawn
   from a seeded generator (the notebook: unseeded np.random.choice). The
   notebook's softmaxes come from test-time augmentation (`--tta`); here they
-  are whatever logits are passed. Since a pair never sees the sizes after it,
-  a pair whose two sizes are both wrong on the hard examples sends them on
-  with any threshold, and they stop there even where a later size is right:
-  on such data the greedy search keeps the full size's accuracy and the
-  pairwise one does not.
+  are whatever logits are passed. A pair never sees the sizes after it: if
+  both of its sizes are wrong on some hard examples, passing them on gains the
+  pair nothing, so its smallest best threshold may stop them at the smaller
+  size even where a later size is right. On such data the greedy search keeps
+  the full size's accuracy and the pairwise one does not.
 
 Protocol (`adaptive_classification`): split the examples with a seeded
 permutation into a held-out part (threshold search only) and the rest
