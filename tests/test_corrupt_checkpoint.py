@@ -41,10 +41,15 @@ def trained(digits_data_dir, tmp_path_factory):
 
 def _damage(state_dir, how: str) -> None:
   if how == "truncated_data_file":
-    data = os.path.join(state_dir, "ocdbt.process_0", "d")
-    biggest = max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)
-    with open(biggest, "r+b") as f:
-      f.truncate(os.path.getsize(biggest) // 2)
+    # Which OCDBT data file holds which array is TensorStore's business (a small
+    # checkpoint reads from state/d/, a larger one from ocdbt.process_0/d/):
+    # every data file is cut in half.
+    for folder, _, names in os.walk(state_dir):
+      if os.path.basename(folder) == "d":
+        for name in names:
+          path = os.path.join(folder, name)
+          with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
   else:
     os.remove(os.path.join(state_dir, "manifest.ocdbt"))
 
@@ -134,3 +139,51 @@ def test_truncated_config_json_is_one_line(trained, tmp_path):
   with pytest.raises(inference.ConfigFileError, match="config.json is not valid JSON") as e:
     inference.load(str(workdir))
   assert "\n" not in str(e.value)
+
+
+def _tiny_checkpoints(tmp_path, steps=(3, 6), keep=3):
+  checkpointer = Checkpointer(str(tmp_path), every_steps=1, keep=keep)
+  for step in steps:
+    checkpointer.save(step, {"w": np.full(4, float(step), np.float32)}, None, {"a": 1})
+  checkpointer.close()
+  return tmp_path / "checkpoints"
+
+
+def _target():
+  import jax
+  return {"w": jax.ShapeDtypeStruct((4,), np.float32)}
+
+
+def test_no_readable_step_left_means_none_and_both_are_kept(tmp_path, capsys):
+  directory = _tiny_checkpoints(tmp_path)
+  for step in (3, 6):
+    _damage(directory / str(step) / "state", "no_manifest")
+  checkpointer = Checkpointer(str(tmp_path), every_steps=1)
+  assert checkpointer.restore_latest(_target(), None, {"a": 1}) == (None, None)
+  checkpointer.close()
+  assert sorted(os.listdir(directory)) == ["3.corrupt", "6.corrupt"]
+  lines = [l for l in capsys.readouterr().out.splitlines() if "unreadable" in l]
+  assert [l.split("checkpoint step ")[1][0] for l in lines] == ["6", "3"]
+
+
+def test_a_checkpoint_of_another_setup_is_refused_not_set_aside(tmp_path):
+  from mrl_jax.checkpointing import CheckpointMismatchError
+  directory = _tiny_checkpoints(tmp_path)
+  checkpointer = Checkpointer(str(tmp_path), every_steps=1)
+  with pytest.raises(CheckpointMismatchError, match="a: checkpoint has 1, config has 2"):
+    checkpointer.restore_latest(_target(), None, {"a": 2})
+  checkpointer.close()
+  assert sorted(os.listdir(directory)) == ["3", "6"]
+
+
+def test_set_aside_step_does_not_count_towards_keep(tmp_path):
+  directory = _tiny_checkpoints(tmp_path, keep=2)
+  _damage(directory / "6" / "state", "truncated_data_file")
+  checkpointer = Checkpointer(str(tmp_path), every_steps=1, keep=2)
+  step, state = checkpointer.restore_latest(_target(), None, {"a": 1})
+  assert step == 3
+  np.testing.assert_array_equal(state["w"], np.full(4, 3.0, np.float32))
+  checkpointer.save(4, {"w": np.full(4, 4.0, np.float32)}, None, {"a": 1})
+  checkpointer.close()
+  # Kept: 3 and 4 (two readable ones); the damaged 6 is beside them, untouched.
+  assert sorted(os.listdir(directory)) == ["3", "4", "6.corrupt"]
