@@ -72,7 +72,8 @@ def multilabel_run(digits_data_dir, tmp_path_factory):
 
 def _embed(model, data_cfg, split):
   zs, logits, labels = [], [], []
-  for batch in pipeline.make_eval_batches(data_cfg, global_batch_size=64, split=split):
+  # The probe's batch size (256): the same compiled shapes give the same numbers.
+  for batch in pipeline.make_eval_batches(data_cfg, global_batch_size=256, split=split):
     keep = batch["mask"] > 0
     z, lg = model.embed_and_logits(batch["image"][keep])
     zs.append(z), logits.append(lg), labels.append(batch["label"][keep])
@@ -96,17 +97,18 @@ def test_probe_of_a_multilabel_model_reports_label_set_metrics(multilabel_run):
 
   # Naive references on independently computed embeddings and logits.
   model = inference.load(workdir)
+  assert model.batch_size == 256 == config.probe.batch_size
   train_z, _, train_y = _embed(model, config.data, "train")
   test_z, test_logits, test_y = _embed(model, config.data, "validation")
   assert train_y.shape == (512, 10) and test_y.shape == (128, 10)
   from sklearn.metrics import average_precision_score
   for i, m in enumerate(dims):
     head_p1 = np.mean([test_y[n, np.argmax(test_logits[i, n])] == 1 for n in range(128)])
-    assert summary["multilabel_head_precision@1"][i] == pytest.approx(head_p1, abs=1 / 128 + 1e-9)
+    assert summary["multilabel_head_precision@1"][i] == pytest.approx(head_p1, abs=1e-12)
     present = [c for c in range(10) if test_y[:, c].any()]
     head_map = np.mean([average_precision_score(test_y[:, c], test_logits[i, :, c])
                         for c in present])
-    assert summary["multilabel_head_map"][i] == pytest.approx(head_map, abs=1e-3)
+    assert summary["multilabel_head_map"][i] == pytest.approx(head_map, abs=1e-9)
     # 1-NN in float64 (cosine = L2 on unit vectors); near-ties may go either way in float32.
     q = test_z[:, :m].astype(np.float64)
     d = train_z[:, :m].astype(np.float64)
@@ -130,3 +132,27 @@ def test_probe_of_a_multilabel_model_reports_label_set_metrics(multilabel_run):
     report = f.read()
   assert "multi-label corpus `mrl_demo_corpus`" in report and "head mAP" in report
   assert "of `mrl_digits`" in report
+
+
+def test_report_of_a_multilabel_probe_without_single_label_data(tmp_path):
+  """Only the corpus' label-set metrics (no config.probe.data): one table, no single-label rows."""
+  from mrl_jax.evaluation.report import write_report
+  summary = {"dims": [8, 16], "head": "mrl", "step": 4,
+             "multilabel": {"dataset": "jft_like", "num_train": 50, "num_test": 20,
+                            "num_classes": 7},
+             "multilabel_head_precision@1": [0.5, 0.75], "multilabel_head_map": [0.25, 0.5],
+             "multilabel_knn_precision@1": [0.6, 0.7], "multilabel_linear_map": [0.3, 0.4]}
+  write_report(summary, str(tmp_path))
+  report = (tmp_path / "report.md").read_text()
+  assert "| 16 | 75.00 | 50.00 | 70.00 | 40.00 |" in report
+  assert "linear" in report and "Adaptive classification" not in report
+
+
+def test_probe_data_looks_for_its_files_where_the_training_data_lives():
+  config = load_config(VIT_JFT, "runlocal")
+  config.data.data_dir = "/corpus_dir"
+  settings = probe.probe_settings(config)
+  assert (settings["data"].name, settings["data"].data_dir) == ("mrl_digits", "/corpus_dir")
+  assert (settings["train_split"], settings["test_split"]) == ("train", "test")
+  config.probe.test_split = "test[:50]"
+  assert probe.probe_settings(config)["test_split"] == "test[:50]"

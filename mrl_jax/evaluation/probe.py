@@ -111,6 +111,8 @@ _MISSING = object()
 def probe_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Checked `config.probe` with defaults filled in and the splits resolved."""
   settings = settings_lib.check_probe_settings(config.get("probe"))
+  if settings["data"] is not None and settings["data"].get("data_dir") is None:
+    settings["data"].data_dir = config.data.get("data_dir")  # Where the training data lives.
   data = settings["data"] if settings["data"] is not None else config.data
   settings["train_split"] = settings["train_split"] or data.get("train_split", "train")
   settings["test_split"] = settings["test_split"] or data.get("eval_split", "test")
@@ -237,8 +239,6 @@ def run_probe(workdir: str, config: ml_collections.ConfigDict | None = None,
   data_info = pipeline.dataset_info(config.data)
   single_data = settings["data"]
   if single_data is not None:
-    if single_data.get("data_dir") is None:  # Unset: look where the training data lives.
-      single_data.data_dir = config.data.get("data_dir")
     single_info = pipeline.dataset_info(
         ml_collections.ConfigDict({**single_data.to_dict(), "train_split": settings["train_split"],
                                    "eval_split": settings["test_split"]}))
