@@ -33,7 +33,7 @@ def test_every_config_opens_with_its_run_command():
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_runlocal_trains_and_writes_a_summary(path, digits_data_dir, tmp_path):
   config = load_config(path, "runlocal")
-  if config.data.name in ("mrl_digits", "mrl_demo_corpus"):  # built on first use
+  if config.data.name in ("mrl_digits", "mrl_demo_corpus", "mrl_two_digits"):  # built on first use
     config.data.data_dir = digits_data_dir
   summary = train.train_and_evaluate(config, str(tmp_path))
   with open(tmp_path / "summary.json") as f:
