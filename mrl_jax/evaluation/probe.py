@@ -27,7 +27,9 @@ field (`--config.nesting.dims=...`, `--config.head=...`, `--config.model.*`,
 `--config.lr`, ...) cannot take effect, so `main` passes the overrides and
 `run_probe` refuses each one whose value differs from the checkpoint's config
 (ProbeOverrideError naming the field, the value asked for and the checkpoint's);
-one equal to the checkpoint's value is accepted.
+one equal to the checkpoint's value is accepted. Config-file arguments
+(`configs/x.py:head=mrl_e`) choose a config file's defaults, not overrides, and
+are not checked.
 
 Models trained on a multi-label corpus (multi-hot labels, e.g. the JFT-style
 `label_corpus` builds): on the corpus itself (config.data, train / eval
