@@ -19,7 +19,6 @@ from ml_collections import config_dict
 
 from mrl_jax.config_args import parse_config_arg
 from mrl_jax.evaluation.probe_settings import default_probe_config
-from mrl_jax.evaluation.probe_settings import default_probe_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
