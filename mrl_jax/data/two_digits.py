@@ -25,7 +25,7 @@ only during the build. Features:
     of `mnist_data()` the two digits come from.
 
 `sources.open_source("mrl_two_digits", split, data_dir)` builds it on first use
-(about a minute on 2 cores, most of it writing and re-reading 25,000 PNG files).
+(about 15 s on 2 cores, most of it writing and re-reading 25,000 PNG files).
 """
 
 from __future__ import annotations
