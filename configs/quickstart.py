@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.batch_size = 64
   config.eval_batch_size = 120
   config.total_epochs = 15
+  config.total_steps = 0  # > 0 overrides total_epochs.
   config.lr = 0.1
   config.optimizer = dict(name="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4,
                           decay_norms_and_biases=False, grad_clip_norm=0.0)
@@ -63,6 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every_steps = 0
   config.checkpoint_every_steps = 100
   config.keep_checkpoints = 2
+  # A NaN/Inf loss or gradient stops the run; "skip" drops such updates instead,
+  # up to max_nonfinite_steps of them.
+  config.on_nonfinite = "stop"
+  config.max_nonfinite_steps = 100
 
   if arg.runlocal:
     config.total_epochs = 0

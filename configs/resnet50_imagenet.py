@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.batch_size = 512
   config.eval_batch_size = 1000
   config.total_epochs = 40
+  config.total_steps = 0  # > 0 overrides total_epochs.
   config.lr = 0.2  # Linear scaling: 0.1 per 256 examples (Goyal et al.).
   config.optimizer = dict(name="sgd", momentum=0.9, nesterov=False, weight_decay=1e-4,
                           decay_norms_and_biases=False, grad_clip_norm=0.0)
@@ -62,6 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every_steps = 2502 * 5
   config.checkpoint_every_steps = 2502
   config.keep_checkpoints = 3
+  # A NaN/Inf loss or gradient stops the run; "skip" drops such updates instead,
+  # up to max_nonfinite_steps of them.
+  config.on_nonfinite = "stop"
+  config.max_nonfinite_steps = 100
 
   if arg.runlocal:
     config.data.mock_examples = 64

@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.batch_size = 4096
   config.eval_batch_size = 4096
   config.total_epochs = 90
+  config.total_steps = 0  # > 0 overrides total_epochs.
   config.lr = 1e-3
   config.optimizer = dict(name="adamw", b1=0.9, b2=0.999, weight_decay=1e-4,
                           decay_norms_and_biases=False, grad_clip_norm=1.0)
@@ -63,6 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every_steps = 10_000
   config.checkpoint_every_steps = 5_000
   config.keep_checkpoints = 3
+  # A NaN/Inf loss or gradient stops the run; "skip" drops such updates instead,
+  # up to max_nonfinite_steps of them.
+  config.on_nonfinite = "stop"
+  config.max_nonfinite_steps = 100
 
   if arg.runlocal:
     config.data.name = "mrl_demo_corpus"

@@ -88,6 +88,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every_steps = 10_000
   config.checkpoint_every_steps = 5_000
   config.keep_checkpoints = 3
+  # A NaN/Inf loss or gradient stops the run; "skip" drops such updates instead,
+  # up to max_nonfinite_steps of them.
+  config.on_nonfinite = "stop"
+  config.max_nonfinite_steps = 100
 
   if arg.runlocal:
     config.data.name = "mrl_demo_corpus"

@@ -6,6 +6,8 @@ import json
 import os
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from mrl_jax import train
 from mrl_jax.config_args import parse_config_arg
@@ -20,6 +22,31 @@ def load_config(path, arg=None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def parse(argv):
+  """The config `mrl_jax.main` would get from `argv` (same flag definition, fresh FlagValues)."""
+  argv = ["config_test", *argv]
+  values = flags.FlagValues()
+  # The override flags are defined from the argv the config flag is given.
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values["config"].value, config_flags.get_override_values(values["config"])
+
+
+# Fields every config declares, so that `--config.FIELD=` can set them (the
+# configs are locked: an undeclared field is refused), with a value to set.
+LOOP_FIELDS = {"total_steps": ("7", 7), "on_nonfinite": ("skip", "skip"),
+               "max_nonfinite_steps": ("3", 3), "keep_checkpoints": ("2", 2)}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_loop_fields_are_settable_from_every_config(path):
+  config, _ = parse([f"--config={path}"] + [f"--config.{name}={text}"
+                                           for name, (text, _) in LOOP_FIELDS.items()])
+  for name, (_, value) in LOOP_FIELDS.items():
+    assert config[name] == value, name
 
 
 def test_every_config_opens_with_its_run_command():

@@ -9,13 +9,11 @@ import subprocess
 import sys
 
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from conftest import subprocess_env
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluation import probe, probe_settings
-from test_configs import load_config
+from test_configs import load_config, parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -31,17 +29,6 @@ FLAG_VALUES = {
     "baseline_workdir": ("/tmp/ff_run", "/tmp/ff_run"),
     "adaptive_splits": ("5", 5), "adaptive_method": ("pairwise", "pairwise"),
 }
-
-
-def parse(argv):
-  """The config `mrl_jax.main` would get from `argv` (same flag definition, fresh FlagValues)."""
-  argv = ["probe_settings_test", *argv]
-  values = flags.FlagValues()
-  # The override flags are defined from the argv the config flag is given.
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                  sys_argv=argv)
-  values(argv)
-  return values["config"].value, config_flags.get_override_values(values["config"])
 
 
 def test_flag_values_cover_every_default_field():
