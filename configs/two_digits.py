@@ -73,6 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every_steps = 0
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 1
+  # A NaN/Inf loss or gradient stops the run; "skip" drops such updates instead,
+  # up to max_nonfinite_steps of them.
+  config.on_nonfinite = "stop"
+  config.max_nonfinite_steps = 100
 
   if arg.runlocal:
     # Slices: only these examples are decoded into memory.
