@@ -284,7 +284,7 @@ def test_cli_builds_and_reports(corpus, tmp_path):
              "--split", f"validation={folder}/val/val.tsv", "--data_dir", data_dir,
              "--on_bad_row=skip"]
   done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True,
-                        timeout=120, check=False)
+                        timeout=300, check=False)
   assert done.returncode == 0, done.stderr
   assert "train: 7 examples written, 9 rows skipped (empty_labels: 1, label_id_out_of_range: 2, " \
          "missing_file: 1, undecodable_image: 2, unknown_label_name: 1, " \

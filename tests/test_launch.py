@@ -184,7 +184,7 @@ def test_local_trains_with_two_processes(digits_data_dir, tmp_path):
       ["bash", os.path.join(LAUNCH, "local.sh"), f"--config={QUICKSTART}:runlocal",
        f"--workdir={workdir}", f"--config.data.data_dir={digits_data_dir}",
        "--config.total_steps=3", "--config.log_every_steps=1"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert sorted(os.listdir(logs)) == ["process_0.log", "process_1.log"]
   assert "4 cpu devices, 2 process(es)" in result.stdout  # Process 0's log, followed.
