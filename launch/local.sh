@@ -77,7 +77,12 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do
 done
 echo "local.sh: ${NUM_PROCESSES} processes (coordinator 127.0.0.1:${COORDINATOR_PORT}), logs in ${LOG_DIR}/"
 
-tail -n +1 -F "$LOG_DIR/process_0.log" 2>/dev/null &
+# GNU tail stops by itself once process 0 is gone, after printing the rest of
+# its log; another tail is stopped when every process is done and may miss the
+# last lines (they stay in the log).
+follow=()
+if tail --pid=$$ -n 0 /dev/null >/dev/null 2>&1; then follow=(--pid="${pids[0]}"); fi
+tail -n +1 -F ${follow[@]+"${follow[@]}"} "$LOG_DIR/process_0.log" 2>/dev/null &
 tail_pid=$!
 
 # Sends signal $1 to every process still running.
@@ -115,6 +120,12 @@ while ((running > 0)); do
   sleep 1
 done
 
+if ((${#follow[@]})); then
+  for ((t = 0; t < 20; t++)); do  # tail looks for process 0 about once a second
+    kill -0 "$tail_pid" 2>/dev/null || break
+    sleep 0.5
+  done
+fi
 kill "$tail_pid" 2>/dev/null || true
 wait "$tail_pid" 2>/dev/null || true
 if ((status != 0)); then

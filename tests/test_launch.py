@@ -172,6 +172,20 @@ exec sleep 600
     assert not (pid and _running(int(pid))), f"process {i} (pid {pid}) still runs"
 
 
+def test_local_prints_process_0_log_to_its_last_line(tmp_path):
+  fake = _write_executable(tmp_path / "python", """#!/usr/bin/env bash
+echo "process $MRL_PROCESS_ID started"
+sleep 1
+echo "process $MRL_PROCESS_ID: last line"
+""")
+  result = _bash("local.sh", env={"PYTHON": fake, "NUM_PROCESSES": "2",
+                                  "COORDINATOR_PORT": "4567", "LOG_DIR": str(tmp_path / "logs")},
+                 timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert "process 0 started" in result.stdout and "process 0: last line" in result.stdout
+  assert "process 1" not in result.stdout  # Only process 0 is followed.
+
+
 @pytest.mark.slow
 def test_local_trains_with_two_processes(digits_data_dir, tmp_path):
   workdir, logs = tmp_path / "run", tmp_path / "logs"
