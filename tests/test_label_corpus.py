@@ -358,8 +358,10 @@ def test_label_file_not_utf8_names_its_line(tmp_path):
   with pytest.raises(label_corpus.LabelFileError, match=r"labels\.txt line 3: byte 0xef at "
                                                         r"column 3 is not UTF-8"):
     label_corpus.read_label_file(path)
-  path.write_bytes(b"\xef\xbb\xbfcat\r\ndog\r\n")  # A byte-order mark and CRLF are fine.
+  path.write_bytes(b"\xef\xbb\xbfcat\r\ndog\r\n")  # A byte-order mark and CRLF are fine,
   assert label_corpus.read_label_file(path) == ["cat", "dog"]
+  path.write_bytes(b"cat\rdog\rbird")  # and so are old Mac line breaks.
+  assert label_corpus.read_label_file(path) == ["cat", "dog", "bird"]
 
 
 # ------------------------------------------------------------ the demo corpus

@@ -131,15 +131,11 @@ class SplitReport:
 
 
 def _decode_line(raw: bytes, number: int) -> str:
-  """One line's text without its line break; _BadRow("not_utf8") if not UTF-8.
+  """One line's text; _BadRow("not_utf8") if not UTF-8.
 
   Line 1 may start with a UTF-8 byte-order mark (Windows editors write one),
   which would otherwise become part of the first path or class name.
   """
-  if raw.endswith(b"\n"):
-    raw = raw[:-1]
-  if raw.endswith(b"\r"):
-    raw = raw[:-1]
   start = 3 if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0
   try:
     return raw[start:].decode("utf-8")
@@ -150,9 +146,21 @@ def _decode_line(raw: bytes, number: int) -> str:
 
 
 def _binary_lines(path: epath.Path) -> Iterator[tuple[int, bytes]]:
-  """(1-based number, bytes) per line: decoded one by one, so a bad line spoils no other."""
+  """(1-based number, bytes without the line break) per line, streamed.
+
+  Read as bytes so that each line is decoded on its own and one that is not
+  UTF-8 spoils no other. Lines end at \\n, \\r\\n or \\r, as in text mode.
+  """
+  number = 0
   with path.open("rb") as f:
-    yield from enumerate(f, start=1)
+    for chunk in f:  # A binary file splits at newline bytes only.
+      if chunk.endswith(b"\n"):
+        chunk = chunk[:-1]
+      if chunk.endswith(b"\r"):
+        chunk = chunk[:-1]
+      for raw in chunk.split(b"\r"):
+        number += 1
+        yield number, raw
 
 
 def read_label_file(path: epath.PathLike) -> list[str]:
@@ -354,7 +362,7 @@ class LabelCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           continue  # A comment says nothing about the data, whatever its encoding.
         report.rows += 1
         # The report is JSON: keep the undecodable bytes visible as \xNN.
-        text = raw.rstrip(b"\r\n").decode("utf-8", errors="backslashreplace")
+        text = raw.decode("utf-8", errors="backslashreplace")
         self._bad_row(report, number, text, bad)
         continue
       if not line.strip() or line.lstrip().startswith("#"):
