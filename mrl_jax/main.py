@@ -98,6 +98,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       raise
     _fail(message)
 
+
 def main(argv: list[str]) -> None:
   del argv
   logs = library_logs.LibraryLogs(_LIBRARY_LOGS.value)

@@ -9,6 +9,7 @@ import pytest
 from mrl_jax import inference, train
 from mrl_jax.data import pipeline
 from mrl_jax.evaluation import multilabel, probe
+from mrl_jax.evaluation.linear_probe import linear_probe_scores
 from test_configs import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ def test_one_vs_rest_linear_probe_ranks_like_sklearn_logistic_regression():
   x = labels @ directions + rng.normal(size=(600, 12))
   xt = labels_t @ directions + rng.normal(size=(300, 12))
   ours = multilabel.mean_average_precision(
-      multilabel.linear_probe_scores(x, labels, xt, l2=1e-3, steps=200), labels_t)
+      linear_probe_scores(x, labels, xt, l2=1e-3, steps=200), labels_t)
   mean, std = x.mean(0), x.std(0)
   # Mean-over-examples loss + l2/2 |w|^2 per label == sklearn's C = 1 / (l2 N).
   reference = np.stack([LogisticRegression(C=1 / (1e-3 * 600), max_iter=2000).fit(

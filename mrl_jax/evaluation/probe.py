@@ -60,7 +60,7 @@ from mrl_jax.data import pipeline
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluation import adaptive, funnel, knn, multilabel, probe_settings as settings_lib
 from mrl_jax.evaluation import retrieval
-from mrl_jax.evaluation.linear_probe import linear_probe_top1
+from mrl_jax.evaluation.linear_probe import linear_probe_scores, linear_probe_top1
 from mrl_jax.evaluation.report import write_report
 
 DEFAULTS = settings_lib.DEFAULTS  # One source: mrl_jax/evaluation/probe_settings.py.
@@ -211,7 +211,7 @@ def multilabel_rows(train_z: np.ndarray, train_labels: np.ndarray, test_z: np.nd
   for i, m in enumerate(dims):
     _, idx = knn.knn_search(np.asarray(knn.l2_normalize(test_z[:, :m])),
                             np.asarray(knn.l2_normalize(train_z[:, :m])), 1)
-    linear = multilabel.linear_probe_scores(train_z[:, :m], train_labels, test_z[:, :m],
+    linear = linear_probe_scores(train_z[:, :m], train_labels, test_z[:, :m],
                                             l2=settings["linear_l2"],
                                             steps=settings["linear_steps"])
     row = {"head_precision@1": multilabel.head_precision_at_1(test_logits[i], test_labels),
