@@ -1,7 +1,7 @@
 """The MRL shape: top-1 per embedding size for MRL, MRL-E, FF-k, SVD and random features.
 
     python benchmarks/mrl_shape.py --out benchmarks/results/mrl_shape.json \
-        [--steps 2000 --dims 2,4,8,16,32,64 --width 8 --workdir /tmp/mrl_shape --data_dir DIR]
+        [--steps 4000 --dims 2,4,8,16,32,64 --width 8 --workdir /tmp/mrl_shape --data_dir DIR]
 
 On `mrl_two_digits` (100 classes of two MNIST digits side by side, built on
 first use; `configs/two_digits.py` is the base config) it trains, with the
@@ -171,7 +171,7 @@ def plot(result: dict[str, Any], path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="JSON file; the PNG goes beside it.")
-  parser.add_argument("--steps", type=int, default=2000, help="Train steps per model.")
+  parser.add_argument("--steps", type=int, default=4000, help="Train steps per model.")
   parser.add_argument("--dims", default="2,4,8,16,32,64",
                       help="Comma-separated sizes, increasing; the last is the embedding dim.")
   parser.add_argument("--width", type=int, default=8,
