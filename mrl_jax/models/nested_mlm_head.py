@@ -1,0 +1,119 @@
+"""BERT's masked-LM head with nested (Matryoshka) prefixes of the tied decoder.
+
+BERT scores a masked token with a transform, then a decoder tied to the word
+embeddings E [V, d] with its own bias b [V]:
+
+    h = LayerNorm(gelu(Dense(hidden)))          # the transform, d -> d
+    logits = h @ E^T + b
+
+The nested head scores every prefix size m in `nesting.dims` with the first
+m dims of h against the first m columns of E:
+
+    logits_m = h[..., :m] @ E[:, :m]^T + b
+
+Where the nesting sits, and why: AFTER the transform, on the vector h that
+meets E. The transform's Dense and LayerNorm mix all d dims (LayerNorm's mean
+and variance are over the whole vector), so slicing its input would need one
+transform per size, d^2 parameters and d^2 multiply-adds each; after it, the
+decoder is exactly the MRL-E layer of the paper ("the last layer replaced by
+the MRL layer"): one weight matrix (here the tied E) whose first m columns
+score prefix m, one bias shared by all sizes. For the tied decoder "mrl" and
+"mrl_e" are the same head (there is only one E to slice), and "ff" is the same
+head with the single size k.
+
+The sentence embedding that matches is z = transform(pool(hidden)) (see
+`BertMLM.embed`): its prefixes z[:m] are the vectors the decoder trains.
+
+Cost: the chunks between consecutive sizes (`nesting.chunks`) are multiplied
+once each and the partial logits summed as a running total, so all sizes
+together cost d * V multiply-adds per scored token, the same as the plain
+decoder (a per-size loop costs sum(m) * V, about 2x for a doubling list).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mrl_jax.errors import ConfigError
+from mrl_jax.nesting import Nesting
+
+# BERT's initialisation: N(0, 0.02) dense kernels, zero biases, LN ones/zeros.
+_KERNEL_INIT = nnx.initializers.normal(stddev=0.02)
+LAYER_NORM_EPS = 1e-12
+
+
+def bert_layer_norm(width: int, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # Two-pass variance: with eps 1e-12 nothing hides the one-pass formula's
+  # cancellation on activations with large means.
+  return nnx.LayerNorm(width, epsilon=LAYER_NORM_EPS, use_fast_variance=False, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+
+
+class MLMTransform(nnx.Module):
+  """Dense(d, d) -> exact (erf) GELU -> LayerNorm(eps 1e-12): BERT's `transform`."""
+
+  def __init__(self, width: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):
+    self.dense = nnx.Linear(width, width, kernel_init=_KERNEL_INIT,
+                            bias_init=nnx.initializers.zeros, dtype=dtype,
+                            param_dtype=param_dtype, rngs=rngs)
+    self.norm = bert_layer_norm(width, dtype, param_dtype, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.norm(nnx.gelu(self.dense(x), approximate=False))
+
+
+class NestedMLMHead(nnx.Module):
+  """transform, then nested logits against the tied embedding: [num_sizes, ..., V].
+
+  Parameters: `transform/dense/{kernel,bias}`, `transform/norm/{scale,bias}`
+  and the decoder bias `bias` [V]. The decoder weight is not a parameter of
+  the head: it is the encoder's word embedding, passed to every call.
+  """
+
+  def __init__(self, width: int, vocab_size: int, dims: Sequence[int], *,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    self.nesting = Nesting.create(dims)
+    if self.nesting.dims[-1] > width:
+      raise ConfigError(f"config.nesting.dims={self.nesting.dims} goes up to "
+                        f"{self.nesting.dims[-1]} but the BERT width is {width}: drop the "
+                        "larger sizes or use a wider model.")
+    self.width, self.vocab_size, self.dtype = width, vocab_size, dtype
+    self.transform = MLMTransform(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype))
+
+  def decode(self, h: jax.Array, embedding: jax.Array) -> jax.Array:
+    """Nested logits of transformed vectors h [..., d] against E [V, d]: [n, ..., V]."""
+    h = h.astype(self.dtype)
+    embedding = embedding.astype(self.dtype)
+    dims = self.nesting.dims
+    # jnp.split (not slicing) so the backward pass concatenates the chunk
+    # gradients instead of padding each one to full width and adding. Dims
+    # past the largest size (an "ff" head on k < d) are split off and unused.
+    bounds = list(dims) if dims[-1] < self.width else list(dims[:-1])
+    h_chunks = jnp.split(h, bounds, axis=-1)[:len(dims)]
+    e_chunks = jnp.split(embedding, bounds, axis=-1)[:len(dims)]
+    logits, running = [], None
+    for h_chunk, e_chunk in zip(h_chunks, e_chunks):
+      partial = jnp.einsum("...k,vk->...v", h_chunk, e_chunk)
+      running = partial if running is None else running + partial
+      logits.append(running)
+    return jnp.stack(logits) + self.bias[...].astype(self.dtype)
+
+  def __call__(self, hidden: jax.Array, embedding: jax.Array) -> jax.Array:
+    """Final hidden states [..., d] (already gathered) -> nested logits [n, ..., V]."""
+    return self.decode(self.transform(hidden.astype(self.dtype)), embedding)
+
+
+def naive_nested_mlm_logits(h: jax.Array, embedding: jax.Array, bias: jax.Array,
+                            dims: Sequence[int]) -> jax.Array:
+  """Reference: one full product per size, h[..., :m] @ E[:, :m]^T + b, stacked.
+
+  Tests and the benchmark compare `NestedMLMHead.decode` against it.
+  """
+  return jnp.stack([h[..., :m] @ embedding[:, :m].T + bias for m in dims])
