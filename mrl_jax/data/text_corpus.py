@@ -62,6 +62,7 @@ import tensorflow_datasets as tfds
 
 from mrl_jax.data import label_corpus
 from mrl_jax.data.label_corpus import BadRowError, SplitReport  # pylint: disable=unused-import
+from mrl_jax.errors import UserError
 
 FORMATS = ("lines", "blocks", "jsonl")
 REASONS = ("not_utf8", "empty_document", "not_json", "not_an_object", "missing_text",
@@ -72,6 +73,14 @@ DEFAULT_TOKENIZER_VOCAB_SIZE = 8000
 
 
 _BadRow = label_corpus._BadRow  # pylint: disable=protected-access
+
+
+class TextFileError(UserError, ValueError):
+  """Arguments or input that cannot make a text corpus (bad name, format, no documents)."""
+
+
+class TextFileNotFoundError(UserError, FileNotFoundError):
+  """A text file named for a split does not exist."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,16 +215,20 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       **kwargs: passed to `tfds.core.GeneratorBasedBuilder`.
     """
     if not label_corpus._NAME_RE.fullmatch(name):  # pylint: disable=protected-access
-      raise ValueError(f"Dataset name {name!r}: use lowercase letters, digits and "
+      raise TextFileError(f"Dataset name {name!r}: use lowercase letters, digits and "
                        f"underscores, starting with a letter (e.g. 'my_corpus').")
     if text_format not in FORMATS:
-      raise ValueError(f"text_format={text_format!r}: use one of {FORMATS}.")
+      raise TextFileError(f"text_format={text_format!r}: use one of {FORMATS}.")
     if on_bad_row not in label_corpus.ON_BAD_ROW:
-      raise ValueError(f"on_bad_row={on_bad_row!r}: use one of {label_corpus.ON_BAD_ROW}.")
+      raise TextFileError(f"on_bad_row={on_bad_row!r}: use one of {label_corpus.ON_BAD_ROW}.")
     for split in files:
       if not label_corpus._NAME_RE.fullmatch(split):  # pylint: disable=protected-access
-        raise ValueError(f"Split name {split!r}: use lowercase letters, digits and "
+        raise TextFileError(f"Split name {split!r}: use lowercase letters, digits and "
                          f"underscores (e.g. 'train', 'validation').")
+    if tokenizer_vocab_size > 0 and files and "train" not in files:
+      raise TextFileError(f"Dataset {name!r}: its tokenizer is trained on the 'train' split, "
+                          f"which is not given (or build without one: tokenizer_vocab_size=0, "
+                          f"--vocab_size=0).")
     self.name = name
     self.VERSION = tfds.core.Version(version)  # pylint: disable=invalid-name
     self._files = {split: [label_corpus._absolute(p) for p in paths]  # pylint: disable=protected-access
@@ -234,7 +247,7 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """(file as given, document or bad row) of a split, files in order."""
     for path in self._files.get(split, ()):
       if not path.is_file():
-        raise FileNotFoundError(f"Text file not found: {path} (split {split!r}).")
+        raise TextFileNotFoundError(f"Text file not found: {path} (split {split!r}).")
       for item in read_documents(path, self._format):
         yield os.fspath(path), item
 
@@ -265,10 +278,10 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     del dl_manager  # Local files only.
     if not self._files:
-      raise ValueError(f"Dataset {self.name!r}: no split files given.")
+      raise TextFileError(f"Dataset {self.name!r}: no split files given.")
     missing = [os.fspath(p) for paths in self._files.values() for p in paths if not p.is_file()]
     if missing:
-      raise FileNotFoundError(f"Text file(s) not found: {', '.join(missing)}.")
+      raise TextFileNotFoundError(f"Text file(s) not found: {', '.join(missing)}.")
     self.report = {split: SplitReport(manifest=", ".join(os.fspath(p) for p in paths))
                    for split, paths in self._files.items()}
     self._train_texts = []
@@ -309,8 +322,8 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _train_tokenizer(self, texts: Sequence[str]) -> None:
     from mrl_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
     if not texts:
-      raise ValueError(f"Dataset {self.name!r}: cannot train its tokenizer, the train split "
-                       f"has no documents (build with tokenizer_vocab_size=0 to skip it).")
+      raise TextFileError(f"Dataset {self.name!r}: cannot train its tokenizer, the train split "
+                        f"has no documents (build with tokenizer_vocab_size=0 to skip it).")
     tokenizer = tokenizer_lib.train_wordpiece(texts, self._tokenizer_vocab_size)
     folder = corpus_tokenizer_dir(self.data_path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -324,9 +337,6 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # TFDS writes into a temporary folder that becomes the dataset's folder
     # only if everything succeeds, so the tokenizer and report move with it.
     if self._tokenizer_vocab_size > 0:
-      if "train" not in self._files:
-        raise ValueError(f"Dataset {self.name!r}: a tokenizer is trained on the 'train' "
-                         f"split, which is not given.")
       self._train_tokenizer(self._train_texts)
       self._train_texts = []
     for split, report in sorted(self.report.items()):

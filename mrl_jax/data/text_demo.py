@@ -265,13 +265,6 @@ class MrlTextDemo(text_corpus.TextCorpus, skip_registration=True):
         self._train_texts.append(text)
       yield key, {"text": text, "id": key, "source": source}
 
-  def _download_and_prepare(self, dl_manager, download_config) -> None:
-    self._files = {"train": []}  # The tokenizer is trained on the train split.
-    try:
-      super()._download_and_prepare(dl_manager, download_config)
-    finally:
-      self._files = {}
-
 
 # ------------------------------------------------------------------ evaluation sets
 def lee_similarity() -> tuple[list[str], np.ndarray]:
