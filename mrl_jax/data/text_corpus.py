@@ -20,8 +20,9 @@ allowed) in one of three formats:
 Features of the dataset:
   text:  Text, the document (stripped of leading and trailing whitespace).
   label: ClassLabel, only when the rows have labels. Class names are the
-         distinct labels of all splits, sorted (numerically when every label
-         is an integer), so the ids are the same whichever split is read.
+         distinct labels of all splits' good rows, sorted (numerically when
+         every label is an integer), so the ids are the same whichever split
+         is read.
   id:    Text, `<file>:<line>`, the file as given and the document's 1-based
          line number.
 Examples are keyed by their id, so the stored order (a hash of the key) is the
@@ -308,6 +309,12 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if keep_texts:
         self._train_texts.append(item.text)
       yield key, example
+    if not report.examples:
+      # TFDS would fail on the empty split with an assertion of its own.
+      reasons = ", ".join(f"{r} {n}" for r, n in sorted(report.skipped.items()))
+      raise TextFileError(f"Split {split!r} has no documents: {report.rows} rows read from "
+                          f"{report.manifest}" + (f", all bad ({reasons})" if reasons else "")
+                          + f". Check the files and --format (now {self._format}).")
 
   def _bad_row(self, report: SplitReport, file: str, number: int, text: str,
                bad: _BadRow) -> None:

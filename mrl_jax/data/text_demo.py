@@ -312,18 +312,26 @@ def _newsgroup_unpickler(data: bytes) -> pickle.Unpickler:
 
 
 _QUOTE_INTRO_RE = re.compile(r"(writes|wrote|says|said)\s*:\s*$|^in article <", re.I)
+_QUOTED_RE = re.compile(r"^\S{0,4}>")  # "> text", "MB> text".
+# Header lines repeated inside a body (forwarded posts) name the newsgroup too.
+_HEADER_LINE_RE = re.compile(
+    r"^(newsgroups|from|to|subject|message-id|organi[sz]ation|date|path|references|lines|"
+    r"reply-to|distribution|nntp-posting-host|keywords|summary|sender|followup-to|"
+    r"in-reply-to|originator|expires|approved|article-i\.d\.|x-[\w-]+)\s*:", re.I)
 
 
 def strip_newsgroup_post(post: str) -> str:
-  """The body a person wrote: no header block (it names the newsgroup), no quoted
-  lines ("> ..." and "... writes:"), no signature (after a "--" line)."""
+  """The body a person wrote: no header block or header lines (they name the
+  newsgroup), no quoted lines ("> ...", "MB> ...", "... writes:"), no signature
+  (after a "--" line)."""
   _, _, body = post.partition("\n\n")
   lines = []
   for line in body.splitlines():
     if line.strip() in ("--", "-- "):
       break
     stripped = line.strip()
-    if stripped.startswith((">", "|", ":")) or _QUOTE_INTRO_RE.search(stripped):
+    if (stripped.startswith(("|", ":")) or _QUOTED_RE.match(stripped) or
+        _QUOTE_INTRO_RE.search(stripped) or _HEADER_LINE_RE.match(stripped)):
       continue
     lines.append(stripped)
   return re.sub(r"\s+", " ", " ".join(lines)).strip()
