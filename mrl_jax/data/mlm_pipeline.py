@@ -31,9 +31,12 @@ seq_len - 2 tokens, each becoming one sequence `[CLS] chunk [SEP]` followed by
 [PAD]s; a sequence never spans two documents. The sequences are numbered by
 document (in the split's stored order), then chunk. The whole split is
 tokenized once per process when an iterator is first made (kept in memory
-with the chunks as one int32 array): seconds for the demo's ~1.5M tokens;
-memory grows as 4 * seq_len bytes per sequence, so a corpus of billions of
-tokens would need the packed arrays precomputed on disk instead.
+with the chunks as one int32 array): 1-2 s for the demo's 0.62M train tokens
+(5,139 sequences of 128, 93 % of them full). Memory grows as 4 * seq_len bytes
+per sequence and the tokenizing time with the corpus, so a corpus of billions
+of tokens would need the packed arrays precomputed on disk instead. Masking
+runs at about 190 batches of 64 x 128 per second in one thread (2-core CPU);
+worker_count > 0 gives the same batches (measured with 2 workers).
 
 Masking (BERT): of a sequence's real tokens other than the special tokens
 ([PAD] [UNK] [CLS] [SEP] [MASK] are never chosen), max(1, round(mask_rate * n))
@@ -150,7 +153,7 @@ def _tokenizer_file(s: dict[str, Any]) -> str:
   if s["tokenizer"] is not None:
     path = os.fspath(s["tokenizer"])
     if os.path.isdir(path):
-      return tokenizer_lib._resolve_path(path)  # pylint: disable=protected-access
+      return tokenizer_lib.resolve_tokenizer_file(path)
     return path
   from mrl_jax.data import text_corpus  # pylint: disable=g-import-not-at-top
   _, info = sources.open_source(s["name"], s["train_split"], s["data_dir"])

