@@ -24,13 +24,6 @@ SMALL_SEQ_LEN = 32
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> str:
-  data_dir = str(tmp_path_factory.mktemp("tfds_text"))
-  sources.open_source("mrl_text_demo", "train", data_dir)
-  return data_dir
-
-
-@pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
   """(data_dir, documents): 40 news articles as a `lines` corpus with a 1000-token tokenizer.
 
@@ -72,7 +65,8 @@ def fake_processes(monkeypatch, index, count):
 
 
 # ------------------------------------------------------------------ the demo corpus
-def test_demo_corpus_builds_with_its_tokenizer(demo_dir):
+def test_demo_corpus_builds_with_its_tokenizer(text_demo_data_dir):
+  demo_dir = text_demo_data_dir
   train, info = sources.open_source("mrl_text_demo", "train", demo_dir)
   validation, _ = sources.open_source("mrl_text_demo", "validation", demo_dir)
   n = len(text_demo.documents())
