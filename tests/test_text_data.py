@@ -440,7 +440,8 @@ def test_bad_documents_in_a_prepared_dataset(small_corpus, monkeypatch):
     return sources.InMemorySource(examples, "odd"), info
 
   monkeypatch.setattr(sources, "open_source", fake_open)
-  tokenizer = str(text_corpus.corpus_tokenizer_dir(real("small_text", "train", data_dir)[1].data_dir))
+  _, info = real("small_text", "train", data_dir)
+  tokenizer = str(text_corpus.corpus_tokenizer_dir(info.data_dir))
   cfg = small_cfg(data_dir, name="odd_text", tokenizer=tokenizer)
   with pytest.raises(pipeline.DataError, match="odd_text/train example 1: text is empty"):
     mlm_pipeline.text_dataset_info(cfg)

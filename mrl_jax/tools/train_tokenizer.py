@@ -34,7 +34,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
                       help="Text files to learn the vocabulary from.")
   parser.add_argument("--vocab_size", type=int, required=True,
-                      help="Vocabulary size, special tokens included (e.g. 8000, or 30522 as BERT).")
+                      help="Vocabulary size, special tokens included (e.g. 8000; BERT's: 30522).")
   parser.add_argument("--out", required=True, help="Output directory.")
   parser.add_argument("--format", choices=text_corpus.FORMATS, default="lines",
                       help="lines: a document per line; blocks: blank-line-separated; "
