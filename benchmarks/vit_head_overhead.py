@@ -26,12 +26,10 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax import models, sharding, train_state
-from mrl_jax.config_checks import check_config
-from mrl_jax.train_step import make_train_step
+from mrl_jax import experiment, models, sharding
+from mrl_jax.tasks.classification import ImageDataInfo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,13 +52,13 @@ def vit_jft_config(variant: str, classes: int, batch: int, image: int, dtype: st
 
 
 def time_step(config, repeats: int) -> dict:
-  nesting = check_config(config, num_devices=jax.device_count(), process_count=1)
-  mesh = sharding.make_mesh(config.mesh)
-  spec = train_state.state_spec(config, num_classes=config.num_classes, in_channels=3,
-                                num_train_examples=config.batch_size)
-  shardings = train_state.state_shardings(config, spec.abstract, mesh)
-  state = jax.jit(spec.init, out_shardings=shardings)()
-  step = make_train_step(config, spec, mesh, shardings, nesting.weights)
+  # Synthetic data: the batch layout comes from the config (num_classes, image size).
+  exp = experiment.build(config, info=ImageDataInfo(
+      config.num_classes, (config.data.image_size, config.data.image_size, 3), True,
+      config.batch_size, "config"))
+  nesting, mesh, spec = exp.nesting, exp.mesh, exp.spec
+  state = exp.init_state()
+  step = exp.train_step()
   rng = np.random.default_rng(0)
   b, s, c = config.batch_size, config.data.image_size, config.num_classes
   labels = np.zeros((b, c), np.int32)

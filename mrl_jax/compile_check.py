@@ -1,6 +1,6 @@
 """`--mode=compile_check`: compile the train step for the config's mesh, without data.
 
-Lowers the exact update step that training runs (train_step.make_train_step)
+Lowers the exact update step that training runs (`Experiment.train_step`)
 on abstract inputs (shapes, dtypes and shardings only: nothing is allocated),
 compiles it with XLA for the devices present and reports per-device memory
 (parameters + optimizer state, XLA's argument / output / temporary buffers)
@@ -10,15 +10,15 @@ in minutes, on any machine. To check an N-device mesh on a CPU-only machine:
   python -m mrl_jax.main --config configs/vit_jft.py --workdir /tmp/cc \
       --mode=compile_check --cpu_devices=8
 
-The dataset need not be present: when it is not prepared, the class count
-comes from `config.num_classes`, images are `config.data.image_size` square
+The dataset need not be present: when it is not prepared, the batch layout
+comes from the config (`Task.data_info_from_config`; for classification the
+class count is `config.num_classes`, images are `config.data.image_size` square
 with len(config.data.mean) channels, and labels are multi-hot when
-`config.loss == "sigmoid"`. Writes WORKDIR/compile_check.json.
+`config.loss == "sigmoid"`). Writes WORKDIR/compile_check.json.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -29,41 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mrl_jax import perf, sharding, train_state
-from mrl_jax.config_checks import check_config
-from mrl_jax.errors import ConfigError
-from mrl_jax.data import pipeline
-from mrl_jax.data.sources import DatasetNotPreparedError
-from mrl_jax.train_step import abstract_batch, make_train_step
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  multilabel: bool
-  num_train_examples: int
-  source: str  # "dataset" or "config"
-
-
-def input_spec(config: ml_collections.ConfigDict) -> InputSpec:
-  """The batch layout: from the prepared dataset if there is one, else from the config."""
-  try:
-    info = pipeline.dataset_info(config.data)
-    return InputSpec(info.num_classes, info.image_shape, info.multilabel,
-                     info.num_train_examples, "dataset")
-  except DatasetNotPreparedError:
-    pass
-  num_classes = config.get("num_classes")
-  size = config.data.get("image_size")
-  if not num_classes or not size:
-    raise ConfigError(
-        f"Dataset {config.data.name!r} is not prepared here, so compile_check needs "
-        "config.num_classes and config.data.image_size to shape the batch: set them.")
-  channels = len(config.data.get("mean", (0.0, 0.0, 0.0)))
-  channels = channels if channels in (1, 3) else 3
-  return InputSpec(int(num_classes), (int(size), int(size), channels),
-                   config.get("loss") == "sigmoid", int(config.batch_size), "config")
+from mrl_jax import experiment, perf
 
 
 def _per_device_bytes(abstract: Any) -> int:
@@ -78,18 +44,12 @@ def _per_device_bytes(abstract: Any) -> int:
 def compile_check(config: ml_collections.ConfigDict, workdir: str | None = None,
                   log=print) -> dict[str, Any]:
   """Compiles the update step for `config` on the present devices; returns the report."""
-  nesting = check_config(config, num_devices=jax.device_count(),
-                         process_count=jax.process_count())
-  inputs = input_spec(config)
-  mesh = sharding.make_mesh(config.mesh)
-  spec = train_state.state_spec(config, num_classes=inputs.num_classes,
-                                in_channels=inputs.image_shape[-1],
-                                num_train_examples=inputs.num_train_examples)
-  shardings = train_state.state_shardings(config, spec.abstract, mesh)
-  state = train_state.restore_target(spec.abstract, shardings)
+  exp = experiment.build(config, info_from="config")
+  mesh = exp.mesh
+  state = exp.restore_target()
   b = int(config.batch_size)
-  batch = abstract_batch(mesh, b, inputs.image_shape, inputs.num_classes, inputs.multilabel)
-  step = make_train_step(config, spec, mesh, shardings, nesting.weights)
+  batch = exp.abstract_batch(b)
+  step = exp.train_step()
 
   start = time.time()
   lowered = step.lower(state, batch)
@@ -98,14 +58,14 @@ def compile_check(config: ml_collections.ConfigDict, workdir: str | None = None,
   compile_seconds = time.time() - start - lower_seconds
   memory = compiled.memory_analysis()
   mib = lambda n: round(n / 2**20, 1)
-  params = spec.abstract["params"]
   report: dict[str, Any] = {
       "devices": jax.device_count(), "platform": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
-      "model": config.model.to_dict(), "head": config.head, "dims": list(nesting.dims),
-      "num_classes": inputs.num_classes, "input_from": inputs.source,
-      "global_batch": b, "image_shape": list(inputs.image_shape),
-      "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
+      "task": exp.task.name, "model": config.model.to_dict(), "head": config.get("head"),
+      "dims": list(exp.dims), "global_batch": b,
+      "batch": {k: {"shape": list(x.shape), "dtype": str(x.dtype)} for k, x in batch.items()},
+      **exp.task.report_fields(config, exp.info),
+      "parameters": exp.num_parameters,
       "compute_dtype": config.get("compute_dtype", "float32"),
       "grad_accum_steps": int(config.get("grad_accum_steps", 1)),
       "lower_seconds": round(lower_seconds, 1), "compile_seconds": round(compile_seconds, 1),
@@ -137,14 +97,15 @@ def compile_check(config: ml_collections.ConfigDict, workdir: str | None = None,
 def format_report(report: dict[str, Any]) -> str:
   mem = report["per_device_mib"]
   flops = report["flops_per_step_per_device"]
+  classes = f", {report['num_classes']} classes" if "num_classes" in report else ""
+  rows = ", ".join(f"{k} {v['shape'][1:]} {v['dtype']}" for k, v in report["batch"].items())
   lines = [
       f"compile_check: {report['model'].get('name')} {report['model'].get('variant', '')} "
-      f"({report['head']} head, {report['num_classes']} classes, dims {report['dims']}), "
+      f"({report['head']} head{classes}, dims {report['dims']}), "
       f"{report['parameters']:,} parameters",
       f"  mesh {report['mesh']} on {report['devices']} {report['platform']} devices "
-      f"({report['device_kind']}); global batch {report['global_batch']} x "
-      f"{report['image_shape']}, {report['compute_dtype']}, grad_accum "
-      f"{report['grad_accum_steps']}",
+      f"({report['device_kind']}); global batch {report['global_batch']} x ({rows}), "
+      f"{report['compute_dtype']}, grad_accum {report['grad_accum_steps']}",
       f"  lowered in {report['lower_seconds']} s, compiled in {report['compile_seconds']} s"
       + (f"; {flops / 1e9:,.1f} GFLOP per step per device" if flops else ""),
       "  per-device memory (MiB):",

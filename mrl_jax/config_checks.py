@@ -6,12 +6,11 @@ import difflib
 
 import ml_collections
 
-from mrl_jax import models
+from mrl_jax import models, tasks
 from mrl_jax.errors import ConfigError
 from mrl_jax.nesting import Nesting
 from mrl_jax.sharding import BATCH_AXES, MESH_AXES, mesh_shape
 
-LOSSES = ("softmax", "sigmoid")
 NONFINITE_MODES = ("stop", "skip")
 # Fields that count steps (or checkpoints), the least each may be, and what the least means.
 _COUNTS = (
@@ -25,11 +24,10 @@ _COUNTS = (
 )
 
 
-def nesting_from_config(config: ml_collections.ConfigDict) -> Nesting:
-  """The checked nesting the head scores; FF-k trains one size with weight 1."""
-  dims = models.nested_dims(config)
-  weights = (1.0,) if config.head == "ff" else tuple(config.nesting.get("weights") or ())
-  return Nesting.create(dims, weights, embedding_dim=models.embedding_dim(config))
+def nesting_from_config(config: ml_collections.ConfigDict,
+                        task: tasks.Task | None = None) -> Nesting:
+  """The checked nesting the model scores (`config.task`'s, see Task.nesting)."""
+  return (task or tasks.get_task(config)).nesting(config)
 
 
 def _check_loop_fields(config: ml_collections.ConfigDict) -> None:
@@ -50,13 +48,17 @@ def _check_loop_fields(config: ml_collections.ConfigDict) -> None:
 
 
 def check_config(config: ml_collections.ConfigDict, *, num_devices: int,
-                 process_count: int) -> Nesting:
-  """Raises ConfigError naming the field to fix; returns the checked nesting."""
+                 process_count: int, task: tasks.Task | None = None) -> Nesting:
+  """Raises ConfigError naming the field to fix; returns the checked nesting.
+
+  The loop's fields, the nesting and the mesh/batch layout are checked here;
+  what only one task reads (e.g. config.loss) by `task.check_config`.
+  """
+  task = task or tasks.get_task(config)
   _check_loop_fields(config)
   models.compute_dtype(config)
-  nesting = nesting_from_config(config)
-  if config.loss not in LOSSES:
-    raise ConfigError(f"config.loss={config.loss!r} is unknown: use one of {LOSSES}.")
+  nesting = task.nesting(config)
+  task.check_config(config)
   shape = dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices)))
   dp = shape[BATCH_AXES[0]] * shape[BATCH_AXES[1]]
   batch, accum = config.batch_size, config.get("grad_accum_steps", 1)

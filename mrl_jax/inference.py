@@ -18,10 +18,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mrl_jax import sharding, train_state
+from mrl_jax import experiment, sharding
 from mrl_jax.checkpointing import (Checkpointer, CheckpointMismatchError,
                                    CheckpointUnreadableError, unreadable_reason)
-from mrl_jax.config_checks import nesting_from_config
 from mrl_jax.evaluation.knn import l2_normalize
 from mrl_jax.errors import UserError
 
@@ -62,19 +61,19 @@ def read_config_json(path: str) -> dict[str, Any]:
 
 
 class RestoredModel:
-  """A restored nested classifier with batched, jitted `embed` and `nested_logits`."""
+  """A restored nested classifier with batched, jitted `embed` and `nested_logits`
+  (what `load` returns for config.task="classification")."""
 
-  def __init__(self, config: ml_collections.ConfigDict, spec: train_state.StateSpec,
-               state: dict[str, Any], mesh, step: int, num_classes: int,
+  def __init__(self, experiment: Any, state: dict[str, Any], step: int,
                batch_size: int = 256):
-    self.config = config
+    self.config = experiment.config
     self.step = step
-    self.num_classes = num_classes
-    self.dims = nesting_from_config(config).dims
+    self.num_classes = experiment.info.num_classes
+    self.dims = experiment.dims
     self.batch_size = batch_size
-    self._mesh = mesh
+    self._mesh = experiment.mesh
     self._params, self._model_state = state["params"], state["model_state"]
-    graphdef = spec.graphdef
+    graphdef = experiment.spec.graphdef
 
     def forward(params, model_state, images):
       model = nnx.merge(graphdef, params, model_state, copy=True)
@@ -127,19 +126,19 @@ class RestoredModel:
     return self._run(images)[1]
 
 
-def load(workdir: str, *, step: int | None = None, batch_size: int = 256) -> RestoredModel:
+def load(workdir: str, *, step: int | None = None, batch_size: int = 256) -> Any:
   """Restores `workdir`'s latest readable (or the given) checkpoint onto all local devices.
 
-  Without `step`, a committed but unreadable newest checkpoint is set aside as
-  `<step>.corrupt` (one console line) and the next newest is restored, as
-  training does on resume.
+  Returns the task's restored model (`Task.restored_model`; for classification a
+  `RestoredModel`), its `batch_size` set to `batch_size`. Without `step`, a
+  committed but unreadable newest checkpoint is set aside as `<step>.corrupt`
+  (one console line) and the next newest is restored, as training does on resume.
   """
   workdir = os.path.abspath(workdir)
   config = load_config(workdir)
   checkpointer = Checkpointer(workdir, every_steps=0)
   # Inference is pure data parallelism over whatever devices this process has.
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
-  nesting = nesting_from_config(config)
   set_aside = []
   try:
     while True:
@@ -150,17 +149,13 @@ def load(workdir: str, *, step: int | None = None, batch_size: int = 256) -> Res
             + (f" (unreadable, set aside: {', '.join(map(str, set_aside))})" if set_aside else "")
             + ": train first, or check --workdir.")
       try:
-        saved_meta = checkpointer.read_meta(wanted)
-        num_classes = int(saved_meta["num_classes"])
-        in_channels = int(saved_meta.get("in_channels", 3))
-        spec = train_state.state_spec(config, num_classes=num_classes, in_channels=in_channels,
-                                      num_train_examples=1)
-        shardings = train_state.state_shardings(config, spec.abstract, mesh)
-        meta = train_state.checkpoint_meta(config, nesting, num_classes, in_channels)
-        state = checkpointer.restore(wanted, train_state.restore_target(spec.abstract, shardings),
-                                     None, meta)
+        # The model is shaped by what the checkpoint was trained with (its meta),
+        # so it restores without the dataset.
+        exp = experiment.build(config, meta=checkpointer.read_meta(wanted), mesh=mesh,
+                               check=False)
+        state = checkpointer.restore(wanted, exp.restore_target(), None, exp.checkpoint_meta())
         break
-      except CheckpointMismatchError:
+      except (CheckpointMismatchError, UserError):
         raise
       except Exception as e:  # pylint: disable=broad-except  # Whatever Orbax or TensorStore raise.
         if step is not None:  # Asked for by number: nothing else to fall back on.
@@ -172,4 +167,7 @@ def load(workdir: str, *, step: int | None = None, batch_size: int = 256) -> Res
         set_aside.append(wanted)
   finally:
     checkpointer.close()
-  return RestoredModel(config, spec, state, mesh, wanted, num_classes, batch_size)
+  model = exp.task.restored_model(exp, state, wanted)
+  model.batch_size = batch_size
+  model.workdir = workdir  # Where its files are (e.g. a text model's tokenizer.json).
+  return model

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 
 def _masked_mean(per_example: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -65,3 +66,18 @@ def nested_top1(logits: jax.Array, labels: jax.Array,
                 mask: jax.Array | None = None) -> jax.Array:
   """Top-1 accuracy per size: [num_sizes]."""
   return _masked_mean(nested_correct(logits, labels), mask)
+
+
+def nested_loss(config: ml_collections.ConfigDict, logits: jax.Array, labels: jax.Array,
+                weights: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(weighted total loss, per-size losses) of `config.loss` for integer or multi-hot labels.
+
+  "sigmoid" turns integer labels into one-hot targets; "softmax" applies
+  `config.label_smoothing` (default 0).
+  """
+  if config.loss == "sigmoid":
+    if labels.ndim == 1:
+      labels = jax.nn.one_hot(labels, logits.shape[-1])
+    return nested_sigmoid_xent(logits, labels, weights, mask=mask)
+  return nested_softmax_xent(logits, labels, weights, mask=mask,
+                             label_smoothing=config.get("label_smoothing", 0.0))

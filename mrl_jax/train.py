@@ -1,5 +1,8 @@
-"""The MRL train loop, read top to bottom: checks -> mesh -> input -> model and
-optimizer -> update step -> checkpoint restore -> evaluation -> loop -> summary.
+"""The MRL train loop, read top to bottom: experiment (checks, mesh, model and
+optimizer, steps) -> input -> checkpoint restore -> evaluation -> loop -> summary.
+
+The loop knows no task: data, loss, metrics and reports come from the task
+`config.task` names (`mrl_jax/tasks/`), through `mrl_jax.experiment`.
 """
 
 from __future__ import annotations
@@ -13,14 +16,14 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mrl_jax import init_from, perf, sharding, train_state
+from mrl_jax import experiment, init_from, perf, sharding
 from mrl_jax.checkpointing import Checkpointer
-from mrl_jax.config_checks import NONFINITE_MODES, check_config
+from mrl_jax.config_checks import NONFINITE_MODES
 from mrl_jax.errors import ConfigError, UserError
-from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, Throughput, format_eta
-from mrl_jax.evaluation import periodic
-from mrl_jax.train_step import abstract_batch, make_embed_step, make_eval_step, make_train_step
+
+# Step metrics the loop itself logs; every other one is the task's (see train_metrics).
+_LOOP_METRICS = ("loss", "lr", "grad_norm", "finite")
 
 def host_values(tree: Any) -> Any:
   """Replicated device values as numpy on this process (works multi-process too)."""
@@ -29,6 +32,20 @@ def host_values(tree: Any) -> Any:
 
 def per_size_metrics(prefix: str, name: str, dims: tuple[int, ...], values: np.ndarray) -> dict:
   return {f"{prefix}/{name}_d{m}": float(v) for m, v in zip(dims, values)}
+
+
+def train_metrics(dims: tuple[int, ...], values: dict[str, np.ndarray]) -> dict[str, float]:
+  """The task's step metrics as log entries: "per_size_<x>" [num_sizes] -> train/<x>_d<m>,
+  any other scalar <x> -> train/<x>."""
+  row = {}
+  for key, value in values.items():
+    if key in _LOOP_METRICS:
+      continue
+    if key.startswith("per_size_"):
+      row.update(per_size_metrics("train", key[len("per_size_"):], dims, value))
+    else:
+      row[f"train/{key}"] = float(value)
+  return row
 
 
 class NonFiniteError(UserError, FloatingPointError):
@@ -124,43 +141,21 @@ class _PreemptionFlag:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the configured MRL model; returns the summary it writes."""
-  # ---------------------------------------------------------------- checks
+  # ---------------------------------------------------------------- experiment
   # The config first: a bad field stops the run before any data is opened or built.
-  nesting = check_config(config, num_devices=jax.device_count(),
-                         process_count=jax.process_count())
-  data_info = pipeline.dataset_info(config.data)
-  if config.get("num_classes") and config.num_classes != data_info.num_classes:
-    raise ConfigError(f"config.num_classes={config.num_classes} but {config.data.name!r} has "
-                      f"{data_info.num_classes} classes: set --config.num_classes="
-                      f"{data_info.num_classes} (or point config.data at the intended dataset).")
-  dims = nesting.dims
+  # Parameters are never materialised unsharded: shapes -> shardings -> jitted init.
+  exp = experiment.build(config)
+  task, mesh, dims, total_steps = exp.task, exp.mesh, exp.dims, exp.total_steps
   writer = MetricWriter(workdir)
-
-  # ---------------------------------------------------------------- mesh
-  mesh = sharding.make_mesh(config.mesh)
   writer.console(f"Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} "
                  f"devices, {jax.process_count()} process(es).")
+  writer.console(f"Model: {task.model_description(config, exp.nesting)}, "
+                 f"{exp.num_parameters:,} parameters.")
 
-  # ---------------------------------------------------------------- input
-  train_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                                            seed=config.seed)
-
-  # ---------------------------------------------------------------- model & optimizer
-  spec = train_state.state_spec(config, num_classes=data_info.num_classes,
-                                in_channels=data_info.image_shape[-1],
-                                num_train_examples=data_info.num_train_examples)
-  total_steps = spec.total_steps
-  # Parameters are never materialised unsharded: shapes -> shardings -> jitted init.
-  state_shardings = train_state.state_shardings(config, spec.abstract, mesh)
-  writer.console(f"Model: {config.model.name} ({config.head} head, dims {list(dims)}), "
-                 f"{sum(x.size for x in jax.tree.leaves(spec.abstract['params'])):,} parameters.")
-
-  # ---------------------------------------------------------------- update step
-  train_step = make_train_step(config, spec, mesh, state_shardings, nesting.weights)
-  eval_step = make_eval_step(config, spec, mesh, state_shardings, nesting.weights)
-  in_channels = data_info.image_shape[-1]
-  evaluators = periodic.build_evaluators(config, in_channels=in_channels)
-  embed_step = make_embed_step(spec, mesh, state_shardings)
+  # ---------------------------------------------------------------- input and steps
+  train_iter = task.train_iterator(config)
+  train_step, eval_step, embed_step = exp.train_step(), exp.eval_step(), exp.embed_step()
+  evaluators = task.evaluators(config, exp.info)
 
   def run_evaluators(state, step: int) -> dict[str, float]:
     results = {}
@@ -168,41 +163,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if ev.due(step, total_steps):
         embed = lambda batch: host_values(
             embed_step(state["params"], state["model_state"], batch))
-        metrics = periodic.run_evaluator(ev, embed, mesh, dims, in_channels)
+        metrics = ev.run(embed, mesh, dims)
         writer.write(step, metrics)
-        writer.console(f"step {step} | {ev.name}: 1-NN top-1 " + " ".join(
-            f"@{m}:{metrics[f'eval/{ev.name}/knn1_top1_d{m}']:.3f}" for m in dims))
+        writer.console(f"step {step} | {ev.name}: {ev.console_line(metrics, dims)}")
         results.update(metrics)
     return results
 
-  def evaluate(state) -> dict[str, np.ndarray]:
+  def evaluate(state) -> dict[str, Any]:
     totals = None
-    for batch in pipeline.make_eval_batches(config.data, global_batch_size=config.eval_batch_size):
+    for batch in task.eval_batches(config):
       out = host_values(eval_step(state["params"], state["model_state"],
                                   sharding.global_batch(batch, mesh)))
       totals = out if totals is None else jax.tree.map(np.add, totals, out)
-    count = max(float(totals["count"]), 1.0)
-    return {"top1": totals["correct"] / count, "loss": totals["loss_sum"] / count,
-            "count": int(totals["count"])}
+    return task.reduce_eval(totals)
 
   # ---------------------------------------------------------------- init or restore
   checkpointer = Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
                               keep=config.get("keep_checkpoints", 3),
                               async_save=config.get("async_checkpointing", True),
                               console=writer.console)
-  meta = train_state.checkpoint_meta(config, nesting, data_info.num_classes,
-                                     data_info.image_shape[-1])
+  meta = exp.checkpoint_meta()
   had_checkpoints = checkpointer.latest_step() is not None
   # Unreadable steps are set aside on the way to the newest readable one.
-  latest, state = checkpointer.restore_latest(
-      train_state.restore_target(spec.abstract, state_shardings), train_iter, meta)
+  latest, state = checkpointer.restore_latest(exp.restore_target(), train_iter, meta)
   if latest is None:
     if had_checkpoints:
       writer.console(f"No readable checkpoint is left in {checkpointer.directory}: "
                      "training starts from scratch.")
-      train_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                                                seed=config.seed)
-    state = jax.jit(spec.init, out_shardings=state_shardings)()
+      train_iter = task.train_iterator(config)
+    state = exp.init_state()
     if (config.get("init_from") or {}).get("workdir"):
       state = init_from.load_pretrained(state, config.init_from, log=writer.console)
     first_step = 0
@@ -212,17 +201,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # The config travels with the checkpoints: probing and inference rebuild the model
   # from it. Written only now, so a run refused by the checkpoint leaves it as it was.
   writer.write_json("config.json", config.to_dict())
+  task.on_workdir(config, workdir)  # What else restoring needs (e.g. the MLM tokenizer).
 
   # ---------------------------------------------------------------- train loop
   wait_each_step = jax.default_backend() == "cpu"  # CPU collectives can hang otherwise.
   log_every = config.get("log_every_steps", 50)
   eval_every = config.get("eval_every_steps", 0)
-  flops = perf.step_flops(train_step.lower(state, abstract_batch(
-      mesh, config.batch_size, data_info.image_shape, data_info.num_classes,
-      data_info.multilabel)))
+  flops = perf.step_flops(train_step.lower(state, exp.abstract_batch()))
   throughput = Throughput(first_step, total_steps, config.batch_size, flops_per_step=flops)
   guard = _NonFiniteGuard(config.get("on_nonfinite", "stop"),
                           int(config.get("max_nonfinite_steps", 100)), dims, writer.console)
+  shown = "per_size_" + task.console_metric
   start_time = time.time()
   step = first_step
   preempted = False
@@ -243,24 +232,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           speed = throughput.report(step)
           row = {"train/loss": float(values["loss"]), "train/lr": float(values["lr"]),
                  "train/grad_norm": float(values["grad_norm"]),
-                 **per_size_metrics("train", "loss", dims, values["per_size_loss"]),
-                 **per_size_metrics("train", "top1", dims, values["per_size_top1"]),
-                 **pipeline.data_metrics(train_iter),
+                 **train_metrics(dims, values),
+                 **task.data_metrics(train_iter),
                  "train/nonfinite_skipped_steps": guard.skipped,
                  **{f"perf/{k}": v for k, v in speed.items()}}
           writer.write(step, row)
           writer.console(
-              f"step {step}/{total_steps} | loss {values['loss']:.4f} | top1 "
-              + " ".join(f"@{m}:{a:.3f}" for m, a in zip(dims, values["per_size_top1"]))
+              f"step {step}/{total_steps} | loss {values['loss']:.4f} | {task.console_metric} "
+              + " ".join(f"@{m}:{a:.3f}" for m, a in zip(dims, values[shown]))
               + f" | lr {values['lr']:.4g} | {speed['steps_per_s']:.2f} steps/s, "
               f"{speed['examples_per_s']:.0f} ex/s ({speed['examples_per_s_per_device']:.0f}/device)"
               f", data wait {100 * speed['data_wait_fraction']:.0f}%"
               + (f", MFU {100 * speed['mfu']:.1f}%" if "mfu" in speed else "")
               + f" | ETA {format_eta(speed['eta_s'])}")
         if eval_every and step % eval_every == 0 and step != total_steps:
-          result = evaluate(state)
-          writer.write(step, {**per_size_metrics("val", "top1", dims, result["top1"]),
-                              **per_size_metrics("val", "loss", dims, result["loss"])})
+          writer.write(step, task.val_metrics(dims, evaluate(state)))
         if step != total_steps:
           run_evaluators(state, step)
         if preemption.reached(step):
@@ -282,26 +268,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- final evaluation
   result = evaluate(state)
-  val_top1 = {str(m): float(a) for m, a in zip(dims, result["top1"])}
-  writer.write(step, {**per_size_metrics("val", "top1", dims, result["top1"]),
-                      **per_size_metrics("val", "loss", dims, result["loss"])})
-  summary = {"dims": list(dims), "val_top1": val_top1,
-             "val_loss": {str(m): float(v) for m, v in zip(dims, result["loss"])},
-             "steps": step, "head": config.head, "model": config.model.name,
-             "dataset": config.data.name, "eval_examples": result["count"],
+  writer.write(step, task.val_metrics(dims, result))
+  summary = {"dims": list(dims), **task.summary(config, dims, result),
+             "steps": step, "head": config.get("head"), "model": config.model.name,
+             "dataset": config.data.name,
              "train_seconds_this_run": round(time.time() - start_time, 1)}
   summary["evaluators"] = run_evaluators(state, step)
   writer.write_json("summary.json", summary)
-  writer.console(format_table(dims, result["top1"], config.data.name, data_info.multilabel))
+  writer.console(task.format_table(config, dims, result))
   writer.close()
   return summary
-
-
-def format_table(dims: tuple[int, ...], top1: np.ndarray, dataset: str,
-                 multilabel: bool = False) -> str:
-  # Multi-label data: the top class counts as right if it is one of the labels.
-  name = "prec@1" if multilabel else "top-1"
-  lines = [f"Validation {name} per nesting size ({dataset}):", f"   dims | {name} (%)",
-           "  ------+----------"]
-  lines += [f"  {m:5d} | {100 * a:6.2f}" for m, a in zip(dims, top1)]
-  return "\n".join(lines)

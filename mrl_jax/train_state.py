@@ -1,13 +1,15 @@
 """The train state's structure, shared by training, inference and checkpoint import.
 
 State = {"step", "params", "model_state" (BatchNorm statistics), "opt_state"},
-built from the config alone so any of them can create or restore it on any mesh.
+built from the config and a model factory (the task's, see mrl_jax/experiment.py)
+so any of them can create or restore it on any mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -16,10 +18,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from mrl_jax import models, optim, sharding
-from mrl_jax.nesting import Nesting
-
-DEFAULT_SHARDING_RULES = (("(^|/)head/", ("model",)),)
+from mrl_jax import optim, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +38,10 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> i
   return int(config.get("total_steps") or math.ceil(config.total_epochs * steps_per_epoch))
 
 
-def state_spec(config: ml_collections.ConfigDict, *, num_classes: int, in_channels: int,
+def state_spec(config: ml_collections.ConfigDict, make_model: Callable[[], nnx.Module],
                num_train_examples: int) -> StateSpec:
-  def make_model() -> nnx.Module:
-    return models.build_model(config, num_classes=num_classes, in_channels=in_channels,
-                              rngs=nnx.Rngs(config.seed))
-
+  """The state of `make_model()` (called traced: nothing is allocated until `init` runs)
+  with config.optimizer over config.schedule for the run's total steps."""
   graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
   steps = total_steps(config, num_train_examples)
   schedule = optim.build_schedule(config.schedule, config.lr, steps)
@@ -58,8 +55,10 @@ def state_spec(config: ml_collections.ConfigDict, *, num_classes: int, in_channe
   return StateSpec(graphdef, init, jax.eval_shape(init), tx, schedule, steps)
 
 
-def state_shardings(config: ml_collections.ConfigDict, abstract: Any, mesh) -> Any:
-  rules = tuple(config.get("sharding_rules") or DEFAULT_SHARDING_RULES)
+def state_shardings(config: ml_collections.ConfigDict, abstract: Any, mesh,
+                    default_rules: Sequence[tuple[str, Sequence[str | None]]] = ()) -> Any:
+  """Shardings of the state: config.sharding_rules, else the task's `default_rules`."""
+  rules = tuple(config.get("sharding_rules") or default_rules)
   return sharding.tree_shardings(abstract, mesh, rules)
 
 
@@ -67,14 +66,3 @@ def restore_target(abstract: Any, shardings: Any) -> Any:
   """Shapes, dtypes and target shardings for Orbax (restores onto any mesh)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract, shardings)
-
-
-def checkpoint_meta(config: ml_collections.ConfigDict, nesting: Nesting, num_classes: int,
-                    in_channels: int = 3) -> dict:
-  """What a checkpoint's parameters depend on (checked when restoring)."""
-  meta = {"model": config.model.to_dict(), "head": config.head, "dims": list(nesting.dims),
-          "num_classes": int(num_classes), "in_channels": int(in_channels),
-          "head_bias": bool(config.get("head_bias", True))}
-  if config.get("head_class_multiple", 1) != 1:  # Absent from older checkpoints: only when used.
-    meta["head_class_multiple"] = int(config.head_class_multiple)
-  return meta

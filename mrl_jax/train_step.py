@@ -1,8 +1,11 @@
-"""The jitted update and evaluation steps of one config, built without data.
+"""The jitted update, evaluation and embedding steps of one experiment, built without data.
 
-Both the train loop and `--mode=compile_check` (which lowers and compiles the
-update step on abstract inputs) build their steps here, so what is checked for
-memory is exactly what trains.
+The steps know no task: they merge the model from the state and call the
+task's pure functions (`Task.loss`, `Task.eval_sums`, `Task.embed`). The train
+loop, `--mode=compile_check` (which lowers and compiles the update step on
+abstract inputs) and the benchmarks all get their steps from
+`mrl_jax.experiment.Experiment`, which builds them here, so what is checked
+for memory is exactly what trains.
 """
 
 from __future__ import annotations
@@ -16,61 +19,53 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mrl_jax import losses, sharding
+from mrl_jax import sharding
+from mrl_jax.nesting import Nesting
+from mrl_jax.tasks.base import Task
 from mrl_jax.train_state import StateSpec
 
 
-def nested_loss(config: ml_collections.ConfigDict, logits: jax.Array, labels: jax.Array,
-                weights: jax.Array, mask: jax.Array | None = None):
-  """(weighted total loss, per-size losses) for integer or multi-hot labels."""
-  if config.loss == "sigmoid":
-    if labels.ndim == 1:
-      labels = jax.nn.one_hot(labels, logits.shape[-1])
-    return losses.nested_sigmoid_xent(logits, labels, weights, mask=mask)
-  return losses.nested_softmax_xent(logits, labels, weights, mask=mask,
-                                    label_smoothing=config.get("label_smoothing", 0.0))
+def make_train_step(task: Task, config: ml_collections.ConfigDict, nesting: Nesting,
+                    spec: StateSpec, mesh: Mesh, state_shardings: Any) -> Callable:
+  """jit(state, batch) -> (new state, replicated metrics); the state is donated.
 
-
-def make_train_step(config: ml_collections.ConfigDict, spec: StateSpec, mesh: Mesh,
-                    state_shardings: Any, nesting_weights: tuple[float, ...]) -> Callable:
-  """jit(state, batch) -> (new state, replicated metrics); the state is donated."""
+  Metrics: "loss", "grad_norm", "lr", "finite" and the task's loss metrics
+  (averaged over microbatches when config.grad_accum_steps > 1).
+  """
   graphdef, tx, schedule = spec.graphdef, spec.tx, spec.schedule
-  weights = jnp.asarray(nesting_weights, jnp.float32)
   accum = int(config.get("grad_accum_steps", 1))
 
-  def loss_and_aux(params, model_state, images, labels):
+  def loss_and_aux(params, model_state, batch):
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    _, logits = model(images, train=True)
-    loss, per_size_loss = nested_loss(config, logits, labels, weights)
+    loss, metrics = task.loss(config, model, batch, nesting, train=True)
     _, _, new_model_state = nnx.split(model, nnx.Param, ...)
-    return loss, (per_size_loss, losses.nested_top1(logits, labels), new_model_state)
+    return loss, (metrics, new_model_state)
 
   grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
 
   def train_step(state, batch):
     params = state["params"]
     if accum == 1:
-      (loss, (per_loss, top1, model_state)), grads = grad_fn(
-          params, state["model_state"], batch["image"], batch["label"])
+      (loss, (metrics, model_state)), grads = grad_fn(params, state["model_state"], batch)
     else:
-      # Microbatch k takes rows k, k+accum, ...: every device keeps its own rows.
+      # Microbatch k takes rows k, k+accum, ... of every batch entry: every device
+      # keeps its own rows.
       def split(x):
         x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
         return jax.lax.with_sharding_constraint(
             x, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
-      micro = jax.tree.map(split, {"image": batch["image"], "label": batch["label"]})
+      micro = jax.tree.map(split, dict(batch))
 
       def body(carry, mb):
         model_state, grad_sum = carry
-        (loss, (per_loss, top1, model_state)), grads = grad_fn(
-            params, model_state, mb["image"], mb["label"])
-        return (model_state, jax.tree.map(jnp.add, grad_sum, grads)), (loss, per_loss, top1)
+        (loss, (metrics, model_state)), grads = grad_fn(params, model_state, mb)
+        return (model_state, jax.tree.map(jnp.add, grad_sum, grads)), (loss, metrics)
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (model_state, grads), (loss, per_loss, top1) = jax.lax.scan(
+      (model_state, grads), (loss, metrics) = jax.lax.scan(
           body, (state["model_state"], zeros), micro)
       grads = jax.tree.map(lambda g: g / accum, grads)
-      loss, per_loss, top1 = loss.mean(), per_loss.mean(0), top1.mean(0)
+      loss, metrics = loss.mean(), jax.tree.map(lambda v: v.mean(0), metrics)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient never reaches the state: the update is
@@ -82,36 +77,22 @@ def make_train_step(config: ml_collections.ConfigDict, spec: StateSpec, mesh: Me
     kept = {k: state[k] for k in updated}
     new_state = {"step": state["step"] + 1,
                  **jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)}
-    metrics = {"loss": loss, "per_size_loss": per_loss, "per_size_top1": top1,
-               "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
+    metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+               "finite": finite}
     return new_state, metrics
 
   return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
-def abstract_batch(mesh: Mesh, batch_size: int, image_shape: tuple[int, int, int],
-                   num_classes: int, multilabel: bool) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes, dtypes and shardings of a global training batch (for lowering without data)."""
-  rows = sharding.batch_sharding(mesh)
-  label_shape = (batch_size, num_classes) if multilabel else (batch_size,)
-  return {"image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32, sharding=rows),
-          "label": jax.ShapeDtypeStruct(label_shape, jnp.int32, sharding=rows)}
-
-
-def make_eval_step(config: ml_collections.ConfigDict, spec: StateSpec, mesh: Mesh,
-                   state_shardings: Any, nesting_weights: tuple[float, ...]) -> Callable:
-  """jit(params, model_state, batch with "mask") -> replicated per-size sums."""
+def make_eval_step(task: Task, config: ml_collections.ConfigDict, nesting: Nesting,
+                   spec: StateSpec, mesh: Mesh, state_shardings: Any) -> Callable:
+  """jit(params, model_state, batch with "mask") -> the task's replicated eval sums."""
   graphdef = spec.graphdef
-  weights = jnp.asarray(nesting_weights, jnp.float32)
 
   def eval_step(params, model_state, batch):
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    _, logits = model(batch["image"], train=False)
-    mask = batch["mask"]
-    _, per_loss = nested_loss(config, logits, batch["label"], weights, mask=mask)
-    correct = (losses.nested_correct(logits, batch["label"]) * mask).sum(axis=1)
-    return {"correct": correct, "loss_sum": per_loss * mask.sum(), "count": mask.sum()}
+    return task.eval_sums(config, model, batch, nesting)
 
   return jax.jit(eval_step, in_shardings=(state_shardings["params"],
                                           state_shardings["model_state"],
@@ -119,8 +100,8 @@ def make_eval_step(config: ml_collections.ConfigDict, spec: StateSpec, mesh: Mes
                  out_shardings=sharding.replicated(mesh))
 
 
-def make_embed_step(spec: StateSpec, mesh: Mesh, state_shardings: Any) -> Callable:
-  """jit(params, model_state, batch) -> {"z" [B, d] float32, "label", "mask"}, replicated.
+def make_embed_step(task: Task, spec: StateSpec, mesh: Mesh, state_shardings: Any) -> Callable:
+  """jit(params, model_state, batch) -> the task's `embed` dict ({"z" [B, d], ...}), replicated.
 
   For evaluators that need the representation itself (k-NN, linear probes);
   labels and mask come back replicated too, so every process sees the global batch.
@@ -129,8 +110,7 @@ def make_embed_step(spec: StateSpec, mesh: Mesh, state_shardings: Any) -> Callab
 
   def embed_step(params, model_state, batch):
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    z = model.encoder(batch["image"], train=False).astype(jnp.float32)
-    return {"z": z, "label": batch["label"], "mask": batch["mask"]}
+    return task.embed(model, batch)
 
   return jax.jit(embed_step, in_shardings=(state_shardings["params"],
                                            state_shardings["model_state"],

@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrl_jax import metric_writer, perf, sharding, train, train_state
+from mrl_jax import experiment, metric_writer, perf, sharding, train
 from mrl_jax.data import pipeline
-from mrl_jax.train_step import make_train_step
 from test_train import quickstart_config, read_metrics
 
 
@@ -46,11 +45,10 @@ def poison(monkeypatch):
 
 def test_update_step_drops_a_non_finite_update(digits_data_dir):
   config = quickstart_config(digits_data_dir)
-  mesh = sharding.make_mesh(config.mesh)
-  spec = train_state.state_spec(config, num_classes=10, in_channels=1, num_train_examples=64)
-  shardings = train_state.state_shardings(config, spec.abstract, mesh)
-  step = make_train_step(config, spec, mesh, shardings, (1.0,) * 6)
-  state = jax.jit(spec.init, out_shardings=shardings)()
+  exp = experiment.build(config)
+  mesh = exp.mesh
+  step = exp.train_step()
+  state = exp.init_state()
   before = jax.tree.map(np.asarray, state)
   images = np.random.default_rng(0).normal(size=(64, 16, 16, 1)).astype(np.float32)
   images[3] = np.nan

@@ -63,9 +63,8 @@ def test_sigmoid_head_never_gathers_the_class_dimension():
   """With classes sharded over "model", no collective assembles full-width logits or kernels."""
   script = textwrap.dedent(f"""
       import re, jax
-      from mrl_jax import sharding, train_state
-      from mrl_jax.config_checks import check_config
-      from mrl_jax.train_step import make_train_step
+      from mrl_jax import experiment
+      from mrl_jax.tasks.classification import ImageDataInfo
       import importlib.util
       spec = importlib.util.spec_from_file_location("vit_jft", {VIT_JFT!r})
       module = importlib.util.module_from_spec(spec)
@@ -74,17 +73,11 @@ def test_sigmoid_head_never_gathers_the_class_dimension():
       config.num_classes, config.head_class_multiple = 4000, 128   # stored as 4096
       config.mesh = dict(data=2, fsdp=2, model=2)
       config.batch_size = 16
-      nesting = check_config(config, num_devices=8, process_count=1)
-      mesh = sharding.make_mesh(config.mesh)
-      state_spec = train_state.state_spec(config, num_classes=4000, in_channels=3,
-                                          num_train_examples=16)
-      shardings = train_state.state_shardings(config, state_spec.abstract, mesh)
-      state = train_state.restore_target(state_spec.abstract, shardings)
-      rows = sharding.batch_sharding(mesh)
-      batch = {{"image": jax.ShapeDtypeStruct((16, 32, 32, 3), "float32", sharding=rows),
-                "label": jax.ShapeDtypeStruct((16, 4000), "int32", sharding=rows)}}
-      step = make_train_step(config, state_spec, mesh, shardings, nesting.weights)
-      hlo = step.lower(state, batch).compile().as_text()
+      exp = experiment.build(config, info=ImageDataInfo(4000, (32, 32, 3), True, 16))
+      assert jax.device_count() == 8
+      batch = exp.abstract_batch(16)
+      assert batch["image"].shape == (16, 32, 32, 3) and batch["label"].shape == (16, 4000)
+      hlo = exp.train_step().lower(exp.restore_target(), batch).compile().as_text()
       gathers = [l for l in hlo.splitlines() if re.search(r"= \\S+ (all-gather|all-to-all)", l)]
       assert gathers, "expected FSDP parameter gathers"
       wide = [l.strip()[:160] for l in gathers if re.search(r"[\\[,](4000|4096)[\\],]", l)]

@@ -53,9 +53,18 @@ class Evaluator:
   linear_steps: int
   linear_l2: float
   num_classes: int
+  in_channels: int = 3  # the model's; grayscale images are repeated to match
 
   def due(self, step: int, total_steps: int) -> bool:
     return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
+
+  def run(self, embed: Callable, mesh, dims: tuple[int, ...]) -> dict[str, float]:
+    """`run_evaluator` with this evaluator's settings (the train loop's entry point)."""
+    return run_evaluator(self, embed, mesh, dims, self.in_channels)
+
+  def console_line(self, metrics: dict[str, float], dims: tuple[int, ...]) -> str:
+    return "1-NN top-1 " + " ".join(
+        f"@{m}:{metrics[f'eval/{self.name}/knn1_top1_d{m}']:.3f}" for m in dims)
 
 
 def build_evaluators(config: ml_collections.ConfigDict, *, in_channels: int) -> list[Evaluator]:
@@ -91,7 +100,7 @@ def build_evaluators(config: ml_collections.ConfigDict, *, in_channels: int) -> 
                          max_test_examples=int(s["max_test_examples"]),
                          linear_probe=bool(s["linear_probe"]),
                          linear_steps=int(s["linear_steps"]), linear_l2=float(s["linear_l2"]),
-                         num_classes=info.num_classes))
+                         num_classes=info.num_classes, in_channels=in_channels))
   return out
 
 
@@ -101,7 +110,7 @@ def embed_split(embed: Callable[[dict[str, Any]], dict[str, np.ndarray]], data_c
   """(embeddings [N, d], labels [N]) of the first `limit` (0 = all) examples of a split.
 
   `embed` maps a global batch to replicated {"z", "label", "mask"} (see
-  train_step.make_embed_step), so every process gets every row.
+  Experiment.embed_step), so every process gets every row.
   """
   zs, labels, seen = [], [], 0
   for batch in pipeline.make_eval_batches(data_cfg, global_batch_size=batch_size, split=split):

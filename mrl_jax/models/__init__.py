@@ -18,6 +18,7 @@ from mrl_jax.errors import ConfigError
 from mrl_jax.models import resnet, vit
 from mrl_jax.models.classifier import NestedClassifier
 from mrl_jax.models.nested_head import NestedHead, head_dims
+from mrl_jax.nesting import Nesting
 
 
 def _build_resnet(cfg: ml_collections.ConfigDict, in_channels: int, dtype: Any,
@@ -101,13 +102,15 @@ def nested_dims(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 def build_model(config: ml_collections.ConfigDict, *, num_classes: int, in_channels: int,
-                rngs: nnx.Rngs) -> NestedClassifier:
+                rngs: nnx.Rngs, nesting: Nesting | None = None) -> NestedClassifier:
+  """Encoder + NestedHead; the head scores `nesting` (the run's, built once by the
+  experiment) or, when None, the sizes `nested_dims(config)` with unit weights."""
   build_encoder, _ = _encoder_entry(config.model)
   dtype = compute_dtype(config)
   data = config.get("data")
   image_size = data.get("image_size") if data is not None else None
   encoder = build_encoder(config.model, in_channels, dtype, rngs, image_size=image_size)
-  head = NestedHead(nested_dims(config), num_classes, efficient=config.head == "mrl_e",
-                    use_bias=config.get("head_bias", True), dtype=dtype,
-                    class_multiple=config.get("head_class_multiple", 1), rngs=rngs)
+  head = NestedHead(nesting if nesting is not None else nested_dims(config), num_classes,
+                    efficient=config.head == "mrl_e", use_bias=config.get("head_bias", True),
+                    dtype=dtype, class_multiple=config.get("head_class_multiple", 1), rngs=rngs)
   return NestedClassifier(encoder, head)

@@ -35,6 +35,7 @@ classes (the sliced columns never reach a loss, so they get no gradient).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -51,12 +52,13 @@ HEAD_KINDS = ("mrl", "mrl_e", "ff")
 class NestedHead(nnx.Module):
   """Scores every prefix z[:m], m in `dims`; returns logits [num_sizes, B, C]."""
 
-  def __init__(self, dims: Sequence[int], num_classes: int, *, efficient: bool = False,
-               use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
-               class_multiple: int = 1, rngs: nnx.Rngs):
+  def __init__(self, nesting: Nesting | Sequence[int], num_classes: int, *,
+               efficient: bool = False, use_bias: bool = True, dtype=jnp.float32,
+               param_dtype=jnp.float32, class_multiple: int = 1, rngs: nnx.Rngs):
+    """`nesting`: the run's Nesting (built once, shared with the loss), or bare sizes."""
     if class_multiple < 1:
       raise ConfigError(f"config.head_class_multiple={class_multiple} must be >= 1.")
-    self.nesting = Nesting.create(dims)
+    self.nesting = nesting if isinstance(nesting, Nesting) else Nesting.create(nesting)
     self.num_classes = num_classes
     stored_classes = -(-num_classes // class_multiple) * class_multiple
     self.stored_classes = stored_classes
@@ -81,17 +83,12 @@ class NestedHead(nnx.Module):
     z = z.astype(self.dtype)
     if self.efficient:
       kernel = self.kernel[...].astype(self.dtype)
-      # jnp.split (not slicing) so the backward pass concatenates the chunk
-      # gradients instead of padding each one to full size and adding.
-      bounds = [e for _, e in self.nesting.chunks[:-1]]
-      z_chunks, w_chunks = jnp.split(z, bounds, axis=1), jnp.split(kernel, bounds, axis=0)
-      logits, running = [], None
-      for z_chunk, w_chunk in zip(z_chunks, w_chunks):
-        partial = z_chunk @ w_chunk
-        running = partial if running is None else running + partial
-        logits.append(running)
-      logits = jnp.stack(logits)
       bias = None if self.bias is None else self.bias[...].astype(self.dtype)
+      d = kernel.shape[0]
+      lead = z.shape[:-1]
+      logits = _prefix_sum_logits(self.nesting.chunks, z[..., :d].reshape(-1, d), kernel, bias)
+      logits = logits.reshape((len(self.nesting.chunks), *lead, kernel.shape[1]))
+      bias = None  # already in the running sums
     else:
       logits = jnp.stack([z[:, :m] @ w[...].astype(self.dtype)
                           for m, w in zip(self.nesting.dims, self.kernels)])
@@ -117,6 +114,48 @@ class NestedHead(nnx.Module):
                        f"expected {[t[...].shape for t in targets]}.")
     for target, kernel in zip(targets, kernels):
       target[...] = jnp.asarray(kernel, target[...].dtype)
+
+
+def _running_logits(chunks, z, kernel, bias):
+  """Logits of every prefix: bias + z_0 W_0 + ... + z_i W_i, one chunk product each."""
+  logits, running = [], bias
+  for start, end in chunks:
+    partial = z[:, start:end] @ kernel[start:end]
+    running = partial if running is None else running + partial
+    logits.append(running)
+  return jnp.stack(logits)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _prefix_sum_logits(chunks, z, kernel, bias):
+  """MRL-E logits [num_sizes, B, C] at d x C multiply-adds, with a hand-written backward.
+
+  The backward that autodiff derives from the running sum costs more than the
+  GEMMs (see the module docstring). Here the gradient of chunk j's product is
+  G_j = sum_{i >= j} dlogits_i, built as one reverse running sum (each G_j
+  written once, reading dlogits_j in place), then dz_j = G_j W_j^T and
+  dW_j = z_j^T G_j, one GEMM each, and db = sum_batch G_0.
+  """
+  return _running_logits(chunks, z, kernel, bias)
+
+
+def _prefix_sum_logits_fwd(chunks, z, kernel, bias):
+  return _running_logits(chunks, z, kernel, bias), (z, kernel, bias)
+
+
+def _prefix_sum_logits_bwd(chunks, residuals, dlogits):
+  z, kernel, bias = residuals
+  grads, running = [None] * len(chunks), None
+  for j in reversed(range(len(chunks))):
+    running = dlogits[j] if running is None else running + dlogits[j]
+    grads[j] = running
+  dz = jnp.concatenate([g @ kernel[s:e].T for (s, e), g in zip(chunks, grads)], axis=1)
+  dkernel = jnp.concatenate([z[:, s:e].T @ g for (s, e), g in zip(chunks, grads)], axis=0)
+  dbias = None if bias is None else jnp.sum(grads[0], axis=0)
+  return dz, dkernel, dbias
+
+
+_prefix_sum_logits.defvjp(_prefix_sum_logits_fwd, _prefix_sum_logits_bwd)
 
 
 def head_dims(kind: str, nesting_dims: Sequence[int], ff_dim: int | None,

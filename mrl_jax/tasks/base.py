@@ -24,6 +24,12 @@ Conventions shared by every task:
   * Per-size values are arrays [num_sizes] in the order of `nesting.dims`.
   * The pure functions (`loss`, `eval_sums`, `embed`) are traced inside jit:
     jax ops only, no host syncs.
+  * The nesting is built once per run (`nesting`, from the config and
+    `embedding_dim`) and handed to `build_model` and to the pure functions, so
+    the model and the loss always agree on the sizes and weights.
+  * Evaluators (`evaluators`) are objects with `name`, `due(step, total_steps)`,
+    `run(embed, mesh, dims) -> {metric: float}` (embed: global batch ->
+    replicated `embed` output) and `console_line(metrics, dims) -> str`.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
+from mrl_jax.errors import ConfigError
+from mrl_jax.models.nested_head import head_dims
 from mrl_jax.nesting import Nesting
 
 
@@ -73,7 +80,33 @@ class Task(abc.ABC):
   def eval_batches(self, config: ml_collections.ConfigDict) -> Iterator[dict[str, np.ndarray]]:
     """Local evaluation batches of config.data's eval split, each with "mask"."""
 
+  def on_workdir(self, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Called by training beside writing WORKDIR/config.json: files the workdir must carry
+    to be restored without the dataset (e.g. the MLM task's tokenizer.json). Default: none."""
+
+  def data_metrics(self, iterator: Any) -> dict[str, float]:
+    """Input metrics of a `train_iterator` for the train log rows (a collective when
+    several processes run: every process calls it at the same steps)."""
+    return {}
+
   # ------------------------------------------------------------ model and checkpoint
+  def nesting(self, config: ml_collections.ConfigDict) -> Nesting:
+    """The checked nesting: config.nesting.{dims,weights} over an embedding of
+    `embedding_dim(config)`; with config.head="ff" the single size config.ff_dim
+    (default: the whole embedding), weight 1."""
+    dim = self.embedding_dim(config)
+    kind = config.get("head", "mrl")
+    dims = head_dims(kind, config.nesting.dims, config.get("ff_dim"), dim)
+    if dims[-1] > dim:
+      raise ConfigError(f"config.nesting.dims={tuple(dims)} goes up to {dims[-1]} but "
+                        f"{config.model.name} embeds into {dim} dims: drop the larger sizes.")
+    weights = (1.0,) if kind == "ff" else tuple(config.nesting.get("weights") or ())
+    return Nesting.create(dims, weights, embedding_dim=dim)
+
+  def model_description(self, config: ml_collections.ConfigDict, nesting: Nesting) -> str:
+    """What the console's "Model:" line says before the parameter count."""
+    return f"{config.model.name} (dims {list(nesting.dims)})"
+
   @abc.abstractmethod
   def embedding_dim(self, config: ml_collections.ConfigDict) -> int:
     """The size d of the nested embedding, from the config alone (nothing allocated)."""
@@ -91,6 +124,16 @@ class Task(abc.ABC):
   def sharding_rules(self, config: ml_collections.ConfigDict) -> tuple:
     """(regex, axes) rules for parameters when the config gives none."""
     return ()
+
+  def restored_model(self, experiment: Any, state: dict[str, Any], step: int) -> Any:
+    """What `inference.load` returns for a restored `state` (params and model_state
+    restored, opt_state absent) of `experiment` (built from config.json + meta)."""
+    raise NotImplementedError(f"Task {self.name!r} has no inference model.")
+
+  def evaluators(self, config: ml_collections.ConfigDict, info: Any) -> list[Any]:
+    """The representation evaluators config.evaluators asks for (checked and opened
+    before training starts); see the module docstring for what one is."""
+    return []
 
   # ------------------------------------------------------------ steps (traced)
   @abc.abstractmethod
@@ -132,3 +175,7 @@ class Task(abc.ABC):
   def format_table(self, config: ml_collections.ConfigDict, dims: tuple[int, ...],
                    result: dict[str, Any]) -> str:
     """The final console table, one row per size."""
+
+  def report_fields(self, config: ml_collections.ConfigDict, info: Any) -> dict[str, Any]:
+    """Task keys of compile_check's report (e.g. the class count)."""
+    return {}

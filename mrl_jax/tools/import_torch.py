@@ -15,7 +15,7 @@ head, nesting and BlurPool, computing in `--compute_dtype`: float32 by default,
 so the restored logits equal PyTorch's up to float32 rounding; the recipe's
 bfloat16 is faster on accelerators and differs from PyTorch by about 1e-2
 relative) and an Orbax checkpoint at `W/checkpoints/0` whose
-meta is `train_state.checkpoint_meta(config, nesting, num_classes)`. It is saved
+meta is the classification task's `checkpoint_meta` for the imported head. It is saved
 at step 0: the weights are someone else's, no update has been made here, and
 the optimizer state is freshly initialised (SGD momentum zeros). No input
 iterator position is saved.
@@ -55,12 +55,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mrl_jax import train_state
+from mrl_jax import experiment, sharding
 from mrl_jax.checkpointing import Checkpointer
-from mrl_jax.config_checks import nesting_from_config
 from mrl_jax.errors import ConfigError, UserError
 from mrl_jax.models.resnet import resnet_embedding_dim
 from mrl_jax.sharding import path_to_str
+from mrl_jax.tasks.classification import ImageDataInfo
 
 DEPTH = 50
 EMBEDDING_DIM = resnet_embedding_dim(DEPTH)  # 2048
@@ -361,6 +361,11 @@ def convert_state_dict(tensors: Mapping[str, np.ndarray], blurred: set[str], lay
 
 # ---------------------------------------------------------------- import
 
+def _local_mesh():
+  # Arrays are made on one process's devices, unsharded; any mesh restores them later.
+  return sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
+
+
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return {path_to_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -379,13 +384,15 @@ def import_state_dict(state_dict: Mapping[str, Any], workdir: str, *,
   layout = detect_layout(tensors, blurred, efficient=efficient, ff_dim=ff_dim,
                          num_classes=num_classes)
   config = import_config(layout, compute_dtype)
-  nesting = nesting_from_config(config)
+  # The head's classes come from the weights, the schedule's length from ImageNet's size.
+  info = ImageDataInfo(layout.num_classes, (config.data.image_size, config.data.image_size,
+                                            IN_CHANNELS), False, _NUM_TRAIN_EXAMPLES, "checkpoint")
+  exp = experiment.build(config, info=info, mesh=_local_mesh(), check=False)
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise FileExistsError(f"{ckpt_dir} is not empty: import into a new --workdir.")
 
-  spec = train_state.state_spec(config, num_classes=layout.num_classes, in_channels=IN_CHANNELS,
-                                num_train_examples=_NUM_TRAIN_EXAMPLES)
+  spec = exp.spec
   abstract = spec.abstract
   expected = {**_flat_shapes(abstract["params"]), **_flat_shapes(abstract["model_state"])}
   arrays = convert_state_dict(tensors, blurred, layout, expected)
@@ -401,9 +408,7 @@ def import_state_dict(state_dict: Mapping[str, Any], workdir: str, *,
 
   checkpointer = Checkpointer(workdir, every_steps=0, keep=1)
   try:
-    checkpointer.save(IMPORT_STEP, state, None,
-                      train_state.checkpoint_meta(config, nesting, layout.num_classes,
-                                                  IN_CHANNELS))
+    checkpointer.save(IMPORT_STEP, state, None, exp.checkpoint_meta())
   finally:
     checkpointer.close()
   path = os.path.join(os.path.abspath(workdir), "config.json")
