@@ -35,7 +35,6 @@ classes (the sliced columns never reach a loss, so they get no gradient).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -83,12 +82,17 @@ class NestedHead(nnx.Module):
     z = z.astype(self.dtype)
     if self.efficient:
       kernel = self.kernel[...].astype(self.dtype)
+      # jnp.split (not slicing) so the backward pass concatenates the chunk
+      # gradients instead of padding each one to full size and adding.
+      bounds = [e for _, e in self.nesting.chunks[:-1]]
+      z_chunks, w_chunks = jnp.split(z, bounds, axis=1), jnp.split(kernel, bounds, axis=0)
+      logits, running = [], None
+      for z_chunk, w_chunk in zip(z_chunks, w_chunks):
+        partial = z_chunk @ w_chunk
+        running = partial if running is None else running + partial
+        logits.append(running)
+      logits = jnp.stack(logits)
       bias = None if self.bias is None else self.bias[...].astype(self.dtype)
-      d = kernel.shape[0]
-      lead = z.shape[:-1]
-      logits = _prefix_sum_logits(self.nesting.chunks, z[..., :d].reshape(-1, d), kernel, bias)
-      logits = logits.reshape((len(self.nesting.chunks), *lead, kernel.shape[1]))
-      bias = None  # already in the running sums
     else:
       logits = jnp.stack([z[:, :m] @ w[...].astype(self.dtype)
                           for m, w in zip(self.nesting.dims, self.kernels)])
@@ -114,48 +118,6 @@ class NestedHead(nnx.Module):
                        f"expected {[t[...].shape for t in targets]}.")
     for target, kernel in zip(targets, kernels):
       target[...] = jnp.asarray(kernel, target[...].dtype)
-
-
-def _running_logits(chunks, z, kernel, bias):
-  """Logits of every prefix: bias + z_0 W_0 + ... + z_i W_i, one chunk product each."""
-  logits, running = [], bias
-  for start, end in chunks:
-    partial = z[:, start:end] @ kernel[start:end]
-    running = partial if running is None else running + partial
-    logits.append(running)
-  return jnp.stack(logits)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _prefix_sum_logits(chunks, z, kernel, bias):
-  """MRL-E logits [num_sizes, B, C] at d x C multiply-adds, with a hand-written backward.
-
-  The backward that autodiff derives from the running sum costs more than the
-  GEMMs (see the module docstring). Here the gradient of chunk j's product is
-  G_j = sum_{i >= j} dlogits_i, built as one reverse running sum (each G_j
-  written once, reading dlogits_j in place), then dz_j = G_j W_j^T and
-  dW_j = z_j^T G_j, one GEMM each, and db = sum_batch G_0.
-  """
-  return _running_logits(chunks, z, kernel, bias)
-
-
-def _prefix_sum_logits_fwd(chunks, z, kernel, bias):
-  return _running_logits(chunks, z, kernel, bias), (z, kernel, bias)
-
-
-def _prefix_sum_logits_bwd(chunks, residuals, dlogits):
-  z, kernel, bias = residuals
-  grads, running = [None] * len(chunks), None
-  for j in reversed(range(len(chunks))):
-    running = dlogits[j] if running is None else running + dlogits[j]
-    grads[j] = running
-  dz = jnp.concatenate([g @ kernel[s:e].T for (s, e), g in zip(chunks, grads)], axis=1)
-  dkernel = jnp.concatenate([z[:, s:e].T @ g for (s, e), g in zip(chunks, grads)], axis=0)
-  dbias = None if bias is None else jnp.sum(grads[0], axis=0)
-  return dz, dkernel, dbias
-
-
-_prefix_sum_logits.defvjp(_prefix_sum_logits_fwd, _prefix_sum_logits_bwd)
 
 
 def head_dims(kind: str, nesting_dims: Sequence[int], ff_dim: int | None,
