@@ -58,10 +58,14 @@ def test_every_config_opens_with_its_run_command():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_runlocal_trains_and_writes_a_summary(path, digits_data_dir, tmp_path):
+def test_runlocal_trains_and_writes_a_summary(path, digits_data_dir, tmp_path, request):
   config = load_config(path, "runlocal")
   if config.data.name in ("mrl_digits", "mrl_demo_corpus", "mrl_two_digits"):  # built on first use
     config.data.data_dir = digits_data_dir
+  if config.data.name == "mrl_text_demo":
+    config.data.data_dir = request.getfixturevalue("text_demo_data_dir")
+    # The minute-long demo run, cut to a smoke run (tests/test_bert_mlm.py trains it).
+    config.total_steps = 8
   summary = train.train_and_evaluate(config, str(tmp_path))
   with open(tmp_path / "summary.json") as f:
     assert json.load(f)["dims"] == summary["dims"] == list(config.nesting.dims)

@@ -7,6 +7,8 @@ recall@k (unit-normalised prefixes, L2), the nested head's own top-1, and the
 same-run baselines: SVD truncation of the full embedding and random feature
 subsets. Then adaptive classification (a cascade over sizes) and adaptive /
 funnel retrieval. Writes WORKDIR/probe/{summary.json, report.md, *.png}.
+A masked-LM workdir (config.task="mlm") is measured by `text_probe.py` instead
+(MLM accuracy, text retrieval and the Lee similarity correlation per size).
 
 The paper's baselines truncate a model trained *without* MRL (SVD of the
 fixed-feature FF model's embedding, random features of it): set
@@ -238,6 +240,9 @@ def run_probe(workdir: str, config: ml_collections.ConfigDict | None = None,
   check_overrides(overrides, checkpoint_config, workdir)
   config = config or checkpoint_config
   settings = probe_settings(config)  # Checked before anything is restored or embedded.
+  if checkpoint_config.get("task", "classification") == "mlm":
+    from mrl_jax.evaluation import text_probe  # Text models: their own metrics (see there).
+    return text_probe.run_text_probe(workdir, config, settings, log=log)
   data_info = pipeline.dataset_info(config.data)
   single_data = settings["data"]
   if single_data is not None:
