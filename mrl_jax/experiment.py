@@ -117,8 +117,9 @@ def build(config: ml_collections.ConfigDict, *, info: Any = None,
       else config fields); used when neither `info` nor `meta` is given.
     mesh: the device mesh; default the config's (`config.mesh` over all devices).
     check: run every config check against the devices present (training,
-      compile_check); False checks only what the nesting needs (restoring onto
-      another mesh than the config's).
+      compile_check); False runs only the task's own checks and the nesting's,
+      not the mesh and batch layout's (restoring onto another mesh than the
+      config's).
   """
   task = get_task(config)
   if check:
@@ -126,6 +127,7 @@ def build(config: ml_collections.ConfigDict, *, info: Any = None,
                            process_count=jax.process_count(), task=task)
   else:
     nesting = task.nesting(config)
+    task.check_config(config)
   if info is None:
     if meta is not None:
       info = task.data_info_from_meta(config, meta)

@@ -89,6 +89,11 @@ class Task(abc.ABC):
     several processes run: every process calls it at the same steps)."""
     return {}
 
+  def on_workdir(self, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes what inference needs in the workdir besides config.json and the
+    checkpoints (e.g. a tokenizer); the train loop calls it on every process
+    right after it writes config.json."""
+
   # ------------------------------------------------------------ model and checkpoint
   def nesting(self, config: ml_collections.ConfigDict) -> Nesting:
     """The checked nesting: config.nesting.{dims,weights} over an embedding of
@@ -127,7 +132,8 @@ class Task(abc.ABC):
 
   def restored_model(self, experiment: Any, state: dict[str, Any], step: int) -> Any:
     """What `inference.load` returns for a restored `state` (params and model_state
-    restored, opt_state absent) of `experiment` (built from config.json + meta)."""
+    restored, opt_state absent) of `experiment` (built from config.json + meta).
+    `load` then sets its attributes `batch_size` (load's argument) and `workdir`."""
     raise NotImplementedError(f"Task {self.name!r} has no inference model.")
 
   def evaluators(self, config: ml_collections.ConfigDict, info: Any) -> list[Any]:
