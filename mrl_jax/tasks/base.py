@@ -89,11 +89,6 @@ class Task(abc.ABC):
     several processes run: every process calls it at the same steps)."""
     return {}
 
-  def on_workdir(self, config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes what inference needs in the workdir besides config.json and the
-    checkpoints (e.g. a tokenizer); the train loop calls it on every process
-    right after it writes config.json."""
-
   # ------------------------------------------------------------ model and checkpoint
   def nesting(self, config: ml_collections.ConfigDict) -> Nesting:
     """The checked nesting: config.nesting.{dims,weights} over an embedding of
