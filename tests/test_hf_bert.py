@@ -6,6 +6,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -18,8 +19,6 @@ from mrl_jax.models import bert_hf
 from mrl_jax.models.bert import build_bert_mlm
 from mrl_jax.models.bert_hf import HFCheckpointError
 from mrl_jax.nesting import Nesting
-
-import ml_collections
 
 HF = dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
           intermediate_size=128, max_position_embeddings=32, type_vocab_size=2)
@@ -182,10 +181,12 @@ def test_bad_state_dicts_list_every_problem_in_one_line(hf_dir):
   graphdef, abstract = nnx.split(_abstract_mlm(model_cfg, HF["vocab_size"]), nnx.Param)
   expected = {sharding.path_to_str(p): tuple(x.shape)
               for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
-  # BertModel names (no "bert." prefix), the pooler and an old position_ids buffer are fine.
+  # BertModel names (no "bert." prefix), the pooler, the next-sentence head and an old
+  # position_ids buffer are fine.
   plain = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in state_dict.items()}
   plain["pooler.dense.weight"] = np.zeros((64, 64), np.float32)
   plain["embeddings.position_ids"] = np.arange(32)[None]
+  plain["cls.seq_relationship.weight"] = np.zeros((2, 64), np.float32)  # BertForPreTraining
   plain["cls.predictions.decoder.weight"] = state_dict["bert.embeddings.word_embeddings.weight"]
   assert set(bert_hf.hf_to_params(plain, expected)) == set(expected)
 
@@ -200,5 +201,182 @@ def test_bad_state_dicts_list_every_problem_in_one_line(hf_dir):
   assert "\n" not in message
   assert "unknown keys: bert.encoder.layer.7.output.dense.bias" in message
   assert "missing keys: cls.predictions.transform.dense.weight" in message
-  assert "bert.encoder.layer.0.intermediate.dense.weight is (64, 128), expected (128, 64)" in message
+  assert ("bert.encoder.layer.0.intermediate.dense.weight is (64, 128), expected (128, 64)"
+          in message)
   assert "untied decoder" in message
+
+
+# ---------------------------------------------------------------- the CLIs
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ("the a of and to in is was for on that with as by it he at from his an were are "
+         "which this be or has had not but").split()
+TEXTS = ["the a of w5 w7 and to", "his was w1", "it is not w90 but w3 w3 w3 on the w60"]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(hf_dir, tmp_path_factory) -> str:
+  """The random model's folder plus a 99-token vocab.txt: what import_hf_bert reads."""
+  path = str(tmp_path_factory.mktemp("hf_folder"))
+  for name in os.listdir(hf_dir):
+    with open(os.path.join(hf_dir, name), "rb") as src, open(os.path.join(path, name), "wb") as dst:
+      dst.write(src.read())
+  vocab = SPECIALS + WORDS
+  vocab += [f"w{i}" for i in range(HF["vocab_size"] - len(vocab))]
+  with open(os.path.join(path, "vocab.txt"), "w") as f:
+    f.write("\n".join(vocab) + "\n")
+  return path
+
+
+def _run_import(checkpoint: str, workdir: str, *args: str) -> int:
+  from mrl_jax.tools import import_hf_bert
+  return import_hf_bert.main(["--checkpoint", checkpoint, "--workdir", workdir, *args])
+
+
+@pytest.fixture(scope="module")
+def imported_workdir(hf_folder, tmp_path_factory) -> str:
+  workdir = str(tmp_path_factory.mktemp("imported") / "w")
+  assert _run_import(hf_folder, workdir) == 0
+  return workdir
+
+
+def _tokens(workdir: str, seq_len: int):
+  from mrl_jax.data import tokenizer as tokenizer_lib
+  return tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json")).encode(
+      TEXTS, seq_len)
+
+
+def test_import_cli_writes_a_workdir_that_restores_transformers_logits(imported_workdir,
+                                                                       hf_folder):
+  from mrl_jax import inference
+  with open(os.path.join(imported_workdir, "config.json")) as f:
+    config = json.load(f)
+  assert config["task"] == "mlm" and config["head"] == "mrl_e"
+  assert config["nesting"]["dims"] == [12, 24, 48, 64]  # the recipe's sizes up to the width
+  assert config["model"]["width"] == 64 and config["model"]["max_len"] == 32
+  assert config["data"]["seq_len"] == 32 and config["data"]["vocab_size"] == HF["vocab_size"]
+  assert config["data"]["tokenizer"] == os.path.join(imported_workdir, "tokenizer.json")
+  model = inference.load(imported_workdir)
+  assert model.step == 0 and model.dims == (12, 24, 48, 64)
+  batch = _tokens(imported_workdir, 32)
+  ids, types, mask = (batch[k].astype(np.int64)
+                      for k in ("input_ids", "token_type_ids", "attention_mask"))
+  assert ids[0, 0] == SPECIALS.index("[CLS]") and ids[0, 1] == len(SPECIALS)  # [CLS] "the"
+  with jax.default_matmul_precision("highest"):
+    logits = model.mlm_logits(ids, attention_mask=mask, token_type_ids=types)
+  want, _ = _reference(hf_folder, ids, types, mask)
+  assert logits.shape == (4, 3, 32, HF["vocab_size"])
+  assert _relative_error(logits[-1], want, mask) < 1e-5
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_export_cli_loads_in_transformers_and_sentence_transformers(hf_folder, tmp_path,
+                                                                    pooling):
+  from mrl_jax import inference
+  from mrl_jax.tools import export_hf_bert
+  workdir, out = str(tmp_path / "w"), str(tmp_path / "hf")
+  assert _run_import(hf_folder, workdir, "--pooling", pooling, "--nesting", "8,32,64") == 0
+  assert export_hf_bert.main(["--workdir", workdir, "--out", out]) == 0
+  # The weights come back bit for bit (the tied decoder is absent from both files).
+  exported, original = load_file(os.path.join(out, "model.safetensors")), load_file(
+      os.path.join(hf_folder, "model.safetensors"))
+  assert set(exported) == set(original)
+  for name in original:
+    np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+  with open(os.path.join(out, "mrl_jax.json")) as f:
+    assert json.load(f)["nesting_dims"] == [8, 32, 64]
+
+  batch = _tokens(workdir, 32)
+  restored = inference.load(workdir)
+  if pooling == "mean":  # The transformers half does not depend on the pooling.
+    _check_transformers_half(out, batch, restored)
+
+  # sentence-transformers: SentenceTransformer(out, truncate_dim=m) gives z[:, :m].
+  st = pytest.importorskip("sentence_transformers")
+  encoder = st.SentenceTransformer(out, truncate_dim=8, device="cpu")
+  for m in (8, 64):
+    # The constructor's truncate_dim, then encode's own for the full size.
+    got = encoder.encode(TEXTS, convert_to_numpy=True, truncate_dim=None if m == 8 else m)
+    z = restored.embed_text(TEXTS, dim=m, normalize=False)  # the workdir's own tokenizer
+    assert got.shape == z.shape == (3, m)
+    # float32 on both sides (torch and XLA): 2 layers, the transform, the pooling.
+    assert np.abs(got - z).max() < 1e-5 * np.abs(z).max()
+  unit = encoder.encode(TEXTS, convert_to_numpy=True, normalize_embeddings=True)
+  np.testing.assert_allclose(unit, restored.embed_text(TEXTS, dim=8), atol=1e-5)
+
+
+def _check_transformers_half(out: str, batch: dict, restored) -> None:
+  """transformers: the tokenizer gives mrl_jax's ids, BertModel the workdir's hidden states."""
+  from transformers import AutoTokenizer, BertModel
+  tokenizer = AutoTokenizer.from_pretrained(out)
+  hf_ids = tokenizer(TEXTS, padding="max_length", max_length=32, return_tensors="np")
+  for key in ("input_ids", "token_type_ids", "attention_mask"):
+    np.testing.assert_array_equal(hf_ids[key], batch[key], err_msg=key)
+  model_cfg = {k: v for k, v in restored.config.model.to_dict().items() if k != "pooling"}
+  graphdef, _ = nnx.split(_abstract_mlm(model_cfg, HF["vocab_size"]), nnx.Param)
+  ours = nnx.merge(graphdef, restored.params)
+  _, hidden = _ours(ours, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+  bert_model = BertModel.from_pretrained(out).double().eval()
+  with torch.no_grad():
+    want = bert_model(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()
+                         if k in ("input_ids", "token_type_ids", "attention_mask")}
+                      ).last_hidden_state.numpy()
+  assert _relative_error(hidden, want, batch["attention_mask"]) < 1e-5
+
+
+def _copy_folder(src: str, dst: str, skip=()) -> str:
+  os.makedirs(dst)
+  for name in os.listdir(src):
+    if name not in skip:
+      with open(os.path.join(src, name), "rb") as a, open(os.path.join(dst, name), "wb") as b:
+        b.write(a.read())
+  return dst
+
+
+def test_pytorch_bin_imports_like_safetensors(hf_folder, imported_workdir, tmp_path):
+  from mrl_jax import inference
+  folder = _copy_folder(hf_folder, str(tmp_path / "bin"), skip=("model.safetensors",))
+  torch.save({k: torch.from_numpy(v) for k, v in
+              load_file(os.path.join(hf_folder, "model.safetensors")).items()},
+             os.path.join(folder, "pytorch_model.bin"))
+  assert _run_import(folder, str(tmp_path / "w")) == 0
+  a, b = inference.load(str(tmp_path / "w")).params, inference.load(imported_workdir).params
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_unusable_folders_and_workdirs_are_one_line_errors(hf_folder, imported_workdir,
+                                                           tmp_path, capsys):
+  from mrl_jax.tools import export_hf_bert
+  cases = []
+  cases.append((str(tmp_path / "nowhere"), "is not a directory"))
+  no_config = _copy_folder(hf_folder, str(tmp_path / "c1"), skip=("config.json",))
+  cases.append((no_config, "config.json does not exist"))
+  no_weights = _copy_folder(hf_folder, str(tmp_path / "c2"), skip=("model.safetensors",))
+  cases.append((no_weights, "has no model.safetensors"))
+  no_vocab = _copy_folder(hf_folder, str(tmp_path / "c3"), skip=("vocab.txt",))
+  cases.append((no_vocab, "has no tokenizer.json or vocab.txt"))
+  for name, change, match in [
+      ("c4", dict(architectures=["BertForSequenceClassification"]), "only checkpoints with"),
+      ("c5", dict(model_type="roberta"), "model_type='roberta'"),
+      ("c6", dict(hidden_act="relu"), "hidden_act='relu'")]:
+    folder = _copy_folder(hf_folder, str(tmp_path / name), skip=("config.json",))
+    with open(os.path.join(hf_folder, "config.json")) as f:
+      hf = json.load(f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+      json.dump({**hf, **change}, f)
+    cases.append((folder, match))
+  for folder, match in cases:
+    assert _run_import(folder, str(tmp_path / "unused")) == 2, folder
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and err.count("\n") == 1, err
+  # A workdir that already holds a checkpoint is not overwritten.
+  assert _run_import(hf_folder, imported_workdir) == 2
+  assert "is not empty" in capsys.readouterr().err
+  # Export: only MLM workdirs, into an empty folder.
+  image_workdir = tmp_path / "image"
+  image_workdir.mkdir()
+  (image_workdir / "config.json").write_text(json.dumps({"task": "classification"}))
+  assert export_hf_bert.main(["--workdir", str(image_workdir), "--out", str(tmp_path / "o")]) == 2
+  assert "only masked-LM BERT workdirs" in capsys.readouterr().err
+  assert export_hf_bert.main(["--workdir", imported_workdir, "--out", hf_folder]) == 2
+  assert "is not empty" in capsys.readouterr().err
