@@ -19,6 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_config_arg(arg, runlocal=False)
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.task = "classification"  # images -> encoder -> nested head (mrl_jax/tasks/)
 
   # Data: sklearn's 1,797 8x8 digits, built into TFDS array_record on first use.
   config.data = dict(

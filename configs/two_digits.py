@@ -25,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_config_arg(arg, runlocal=False)
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.task = "classification"  # images -> encoder -> nested head (mrl_jax/tasks/)
 
   # Data: 20,000 train / 5,000 test 28x56 images, resized to 32x32 (the
   # digits get narrower; the network does not mind). The crop keeps the

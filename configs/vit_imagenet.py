@@ -23,6 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_config_arg(arg, runlocal=False, variant="B/16")
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.task = "classification"  # images -> encoder -> nested head (mrl_jax/tasks/)
 
   config.data = dict(
       name="imagenet2012", data_dir=config_dict.placeholder(str), train_split="train",

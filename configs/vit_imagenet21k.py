@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          num_classes=21843)
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.task = "classification"  # images -> encoder -> nested head (mrl_jax/tasks/)
 
   config.data = dict(
       name=arg.dataset, data_dir=config_dict.placeholder(str), train_split="train",

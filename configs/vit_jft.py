@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          num_classes=18291)
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.task = "classification"  # images -> encoder -> nested head (mrl_jax/tasks/)
 
   # Data: a corpus built by mrl_jax.tools.build_corpus (multi-hot "labels").
   config.data = dict(
