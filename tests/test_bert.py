@@ -320,6 +320,12 @@ def test_config_errors_are_one_line_and_name_the_field():
   model = _tiny_mlm()
   with pytest.raises(ConfigError, match=r"longer than the model's 16 position.*seq_len"):
     model.encoder(_ids((1, 17)), train=False)
+  # BERT is not in the image-classifier registry: a classification config says what to set.
+  from mrl_jax import models
+  config = _bert_config(variant="tiny")
+  config.head, config.nesting = "mrl_e", ml_collections.ConfigDict(dict(dims=(8,)))
+  with pytest.raises(ConfigError, match=r"text encoder.*config.task='mlm'"):
+    models.embedding_dim(config)
 
 
 def test_reference_initializers():
