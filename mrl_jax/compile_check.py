@@ -25,7 +25,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -37,7 +36,8 @@ def _per_device_bytes(abstract: Any) -> int:
   total = 0
   for x in jax.tree.leaves(abstract):
     shard = x.sharding.shard_shape(x.shape)
-    total += int(np.prod(shard, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+    # x.dtype.itemsize, not jnp.dtype(...): dropout RNG keys (key<fry>) are not numpy dtypes.
+    total += int(np.prod(shard, dtype=np.int64)) * x.dtype.itemsize
   return total
 
 
