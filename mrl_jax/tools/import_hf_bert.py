@@ -11,9 +11,17 @@ BertConfig: BertForMaskedLM or BertForPreTraining), the weights as
 `vocab.txt` (lower-cased unless `tokenizer_config.json` says
 `do_lower_case: false`). Nothing is downloaded.
 
-OUT gets what a training run leaves behind, so `--mode=probe`, inference
-(`inference.load(OUT).embed_text(...)`) and further training (`--workdir OUT`
-or `--config.init_from.workdir=OUT`) work on it:
+OUT gets what a training run leaves behind, so `--mode=probe` and inference
+(`inference.load(OUT).embed_text(...)`) work on it, and a new run can start
+from its weights (MRL fine-tuning of a pre-trained BERT), e.g. bert-base-uncased
+(the recipe's variant "base"):
+
+    python -m mrl_jax.main --config configs/bert_mlm.py --workdir W2 \
+        --config.init_from.workdir=OUT --config.data.tokenizer=OUT/tokenizer.json
+
+For other sizes set the config.model fields as in OUT/config.json (a variant
+plus the width/depth/num_heads/mlp_dim/max_len overrides builds the same
+architecture as OUT's variant=None). OUT holds:
   * `OUT/config.json`: the `configs/bert_mlm.py` recipe with the imported
     architecture and dropout rates, `head` (default "mrl_e": the tied decoder
     scores every prefix), the nesting (default: the recipe's sizes up to the
