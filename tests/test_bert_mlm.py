@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -109,10 +108,15 @@ def test_task_loss_is_the_weighted_sum_of_per_size_cross_entropies():
            "masked_ids": rng.integers(0, 50, (3, 3)).astype(np.int32),
            # Padding predictions (weight 0) must not count, in the mean or its denominator.
            "masked_weights": np.array([[1, 1, 1], [1, 0, 0], [1, 1, 0]], np.float32)}
-  total, metrics = task.loss(config, model, {k: jnp.asarray(v) for k, v in batch.items()},
-                             nesting, train=False)
-  logits = model(jnp.asarray(batch["input_ids"]),
-                 masked_positions=jnp.asarray(batch["masked_positions"]), train=False)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def loss_and_logits(state, batch):  # One compile instead of hundreds of eager ops.
+    m = nnx.merge(graphdef, state)
+    return (task.loss(config, m, batch, nesting, train=False),
+            m(batch["input_ids"], masked_positions=batch["masked_positions"], train=False))
+
+  (total, metrics), logits = loss_and_logits(state, batch)
   assert logits.shape == (4, 3, 3, 50)
   ref_total, ref_per_size, ref_acc = numpy_nested_mlm_xent(
       logits, batch["masked_ids"], batch["masked_weights"], nesting.weights)
@@ -124,7 +128,8 @@ def test_task_loss_is_the_weighted_sum_of_per_size_cross_entropies():
   # per-size means over the real rows.
   padded = {k: np.concatenate([v, v[:1]]) for k, v in batch.items()}
   padded["mask"] = np.array([1, 1, 1, 0], np.int32)
-  sums = task.eval_sums(config, model, {k: jnp.asarray(v) for k, v in padded.items()}, nesting)
+  sums = jax.jit(lambda state, b: task.eval_sums(config, nnx.merge(graphdef, state), b,
+                                                 nesting))(state, padded)
   result = task.reduce_eval(jax.tree.map(np.asarray, sums))
   assert result["count"] == 6 and result["sequences"] == 3
   np.testing.assert_allclose(result["loss"], ref_per_size, rtol=1e-5)
@@ -405,3 +410,9 @@ def test_second_phase_starts_from_the_first_runs_weights(trained, tmp_path):
   first_losses = train_losses(workdir)
   assert train_losses(tmp_path / "phase2")[1] < 0.5 * (first_losses[1] + first_losses[40])
   assert train_losses(tmp_path / "scratch")[1] > 0.99 * first_losses[1]
+
+
+def test_a_vocab_size_other_than_the_tokenizers_is_one_line(text_demo_data_dir):
+  config = mlm_config(text_demo_data_dir, **{"data.vocab_size": 30522})
+  with pytest.raises(ConfigError, match=r"vocab_size=30522 but the tokenizer .* has \d+ tokens"):
+    mlm.MaskedLMTask().data_info(config)
