@@ -8,7 +8,8 @@ import torch
 from flax import nnx
 
 from mrl_jax.errors import ConfigError
-from mrl_jax.models.nested_head import NestedHead, head_dims, naive_nested_logits
+from mrl_jax.models.nested_head import (NestedHead, head_dims, naive_nested_logits,
+                                        prefix_sum_logits)
 from mrl_jax.nesting import Nesting
 
 DIMS = (4, 8, 16, 32)
@@ -143,3 +144,87 @@ def test_class_padding_stores_whole_multiples_and_scores_only_real_classes(effic
   assert len(kernel_grads) == (1 if efficient else 3)
   for g in kernel_grads:  # the stored padding columns are inert
     assert np.all(np.asarray(g)[:, classes:] == 0) and np.any(np.asarray(g)[:, :classes] != 0)
+
+
+@pytest.mark.parametrize("dims", [(3, 10, 64), (8, 16, 32, 64), (64,)])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_mrl_e_values_and_gradients_match_float64_naive_loop(dims, use_bias):
+  """The MRL-E chunked forward and its hand-written backward against the naive loop.
+
+  Reference: the per-size loop z[:, :m] @ W[:m] + b and its closed-form
+  gradients for a random cotangent R, in float64 (numpy). Tolerance: float32
+  rounding of a sum of K products is at most ~K * eps * sum|terms|, with K the
+  longest reduction each output sees (prefix length + one add per size for the
+  logits, batch x sizes for dW, classes x sizes for dz).
+  """
+  batch, classes, n = 6, 11, len(dims)
+  head = NestedHead(dims, classes, efficient=True, use_bias=use_bias, rngs=nnx.Rngs(0))
+  if use_bias:
+    head.bias[...] = jax.random.normal(jax.random.key(4), head.bias[...].shape)
+  z = jax.random.normal(jax.random.key(5), (batch, dims[-1]))
+  cot = jax.random.normal(jax.random.key(6), (n, batch, classes))
+  graphdef, params = nnx.split(head)
+
+  def loss(p, x):
+    return jnp.sum(nnx.merge(graphdef, p)(x) * cot)
+
+  with jax.default_matmul_precision("highest"):
+    logits = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, z)
+    grad_p, grad_z = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, z)
+
+  w = np.asarray(head.kernel[...], np.float64)
+  b = np.asarray(head.bias[...], np.float64) if use_bias else np.zeros(classes)
+  x, r = np.asarray(z, np.float64), np.asarray(cot, np.float64)
+  eps = np.finfo(np.float32).eps
+  want_logits = np.stack([x[:, :m] @ w[:m] + b for m in dims])
+  mag_logits = np.stack([np.abs(x[:, :m]) @ np.abs(w[:m]) + np.abs(b) for m in dims])
+  want_dw, mag_dw = np.zeros_like(w), np.zeros_like(w)
+  want_dz, mag_dz = np.zeros_like(x), np.zeros_like(x)
+  for i, m in enumerate(dims):
+    want_dw[:m] += x[:, :m].T @ r[i]
+    mag_dw[:m] += np.abs(x[:, :m]).T @ np.abs(r[i])
+    want_dz[:, :m] += r[i] @ w[:m].T
+    mag_dz[:, :m] += np.abs(r[i]) @ np.abs(w[:m]).T
+  checks = [(logits, want_logits, mag_logits, dims[-1] + n + 1),
+            (grad_p["kernel"][...], want_dw, mag_dw, batch * n),
+            (grad_z, want_dz, mag_dz, classes * n)]
+  if use_bias:
+    checks.append((grad_p["bias"][...], r.sum(axis=(0, 1)), np.abs(r).sum(axis=(0, 1)),
+                   batch * n))
+  else:
+    assert "bias" not in grad_p or grad_p["bias"] is None
+  for got, want, magnitude, length in checks:
+    got = np.asarray(got, np.float64)
+    assert got.shape == want.shape
+    assert np.all(np.abs(got - want) <= 2 * length * eps * magnitude + 1e-30)
+
+
+@pytest.mark.parametrize("classes_first", [False, True])
+def test_prefix_sum_logits_on_fewer_features_than_the_kernel(classes_first):
+  """Sizes (3, 10) on a 16-wide kernel (an "ff"-style head, or the tied [V, d]
+  embedding): logits and gradients equal the per-size loop under autodiff, and
+  the kernel's features past the largest size get exactly zero gradient."""
+  dims, classes = (3, 10), 7
+  chunks = Nesting.create(dims).chunks
+  z = jax.random.normal(jax.random.key(0), (2, 3, 16))
+  w = jax.random.normal(jax.random.key(1), (16, classes))
+  b = jax.random.normal(jax.random.key(2), (classes,))
+  cot = jax.random.normal(jax.random.key(3), (len(dims), 2, 3, classes))
+  kernel = w.T if classes_first else w
+
+  def fast(z, kernel, b):
+    return prefix_sum_logits(z, kernel, b, chunks, classes_first=classes_first)
+
+  def naive(z, kernel, b):
+    w_ = kernel.T if classes_first else kernel
+    return jnp.stack([z[..., :m] @ w_[:m] + b for m in dims])
+
+  with jax.default_matmul_precision("highest"):
+    got = jax.grad(lambda *a: jnp.sum(fast(*a) * cot), argnums=(0, 1, 2))(z, kernel, b)
+    want = jax.grad(lambda *a: jnp.sum(naive(*a) * cot), argnums=(0, 1, 2))(z, kernel, b)
+    np.testing.assert_allclose(fast(z, kernel, b), naive(z, kernel, b), rtol=1e-5, atol=1e-5)
+  for g, w_ in zip(got, want):
+    assert g.shape == w_.shape
+    np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-5)
+  unused = got[1][:, 10:] if classes_first else got[1][10:]
+  assert np.all(np.asarray(unused) == 0) and np.all(np.asarray(got[0])[..., 10:] == 0)
