@@ -19,11 +19,14 @@ tokens) is a second run that starts from this one's weights:
 Check memory per device before booking a pod (no data needed):
   python -m mrl_jax.main --config configs/bert_mlm.py --workdir /tmp/cc \
       --mode=compile_check --cpu_devices=8
-Probe every size (MLM accuracy, retrieval on labelled sentences, correlation
-with human similarity ratings on the Lee corpus): `--mode=probe`.
+Probe every size (MLM accuracy, retrieval on labelled newsgroup posts,
+correlation with human similarity ratings on the Lee corpus): `--mode=probe`.
 
 Arguments: `:variant=large`, `:dataset=NAME`, `:runlocal` (a tiny BERT on the
-embedded `mrl_text_demo` corpus, about a minute on a 2-core CPU).
+embedded `mrl_text_demo` corpus, 300 steps, about a minute on a 2-core CPU:
+5.1-6.0% MLM accuracy over the sizes against a chance of 1/8000 -- at this
+budget it has learnt mostly which tokens are frequent; 1000 steps at lr 1e-3
+reached 5.2% at 8 dims to 8.6% at 128).
 """
 
 import ml_collections
@@ -44,7 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = dict(
       name=arg.dataset, data_dir=config_dict.placeholder(str), train_split="train",
       eval_split="validation",
-      tokenizer=config_dict.placeholder(str),  # vocab.txt or tokenizer.json; None: the corpus's own.
+      # A vocab.txt or tokenizer.json; None: the corpus's own.
+      tokenizer=config_dict.placeholder(str),
       # The tokenizer's size, checked against it (None: take it from the tokenizer);
       # what compile_check shapes the decoder with when the corpus is absent.
       vocab_size=config_dict.placeholder(int),
@@ -57,7 +61,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Model: BERT as published (post-LN, learned positions, erf GELU, N(0, 0.02) init).
   config.model = dict(
       name="bert", variant=arg.variant,
-      width=config_dict.placeholder(int), depth=config_dict.placeholder(int),  # None: the variant's.
+      # Architecture overrides; None: the variant's.
+      width=config_dict.placeholder(int), depth=config_dict.placeholder(int),
       num_heads=config_dict.placeholder(int), mlp_dim=config_dict.placeholder(int),
       max_len=config_dict.placeholder(int),  # Position embeddings (512).
       type_vocab_size=config_dict.placeholder(int),
@@ -92,7 +97,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sharding_rules = ()  # (): the task's rules, Megatron-style (models/bert.py).
 
   # `--mode=probe`: MLM accuracy per size on eval_split, retrieval on labelled
-  # sentences, Lee-corpus similarity correlation; baseline_workdir: an FF-k run.
+  # newsgroup posts (100 queries: ks up to 50), Lee-corpus similarity correlation;
+  # baseline_workdir: an FF-k run (mrl_jax/evaluation/text_probe.py).
   config.probe = default_probe_config(retrieval_ks=(10, 25, 50))
 
   # Logging and checkpoints.
@@ -121,7 +127,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 32
     config.eval_batch_size = 64
     config.total_steps = 300
-    config.lr = 1e-3
+    config.lr = 2e-3  # 300 steps: 5-6% MLM accuracy (chance 1/8000); 3e-3 stalled at 4.9%.
     config.schedule.warmup_steps = 30
     config.log_every_steps = 50
     config.eval_every_steps = 0

@@ -1,4 +1,4 @@
-"""The masked-LM task end to end: loss, config, training, resume, compile_check, probe, inference."""
+"""The masked-LM task: loss, config, training, resume, compile_check, probe, inference."""
 
 import json
 import os
@@ -193,6 +193,7 @@ def trained(text_demo_data_dir, tmp_path_factory):
   return workdir, config, summary
 
 
+@pytest.mark.slow
 def test_training_writes_summary_tokenizer_and_learns(trained):
   workdir, config, summary = trained
   with open(os.path.join(workdir, "summary.json")) as f:
@@ -280,7 +281,8 @@ def test_compile_check_on_8_devices_without_the_corpus(tmp_path):
   # tiny BERT, 1000 tokens: embeddings (1000 + 512 + 2) x 128, 2 blocks, the MLM transform.
   width, mlp, blocks = 128, 512, 2
   block = 4 * (width * width + width) + 2 * width * mlp + mlp + width + 4 * width
-  expected = (1000 + 512 + 2) * width + 2 * width + blocks * block + (width * width + 3 * width) + 1000
+  expected = ((1000 + 512 + 2) * width + 2 * width + blocks * block
+              + (width * width + 3 * width) + 1000)
   assert report["parameters"] == expected
 
 
@@ -292,6 +294,7 @@ def test_compile_check_without_the_corpus_needs_the_vocab_size(tmp_path):
 
 
 # ---------------------------------------------------------------- inference
+@pytest.mark.slow
 def test_inference_embeds_text_and_gives_mlm_logits(trained, text_demo_data_dir):
   from mrl_jax import inference
   from mrl_jax.data import mlm_pipeline
@@ -361,7 +364,8 @@ def test_probe_end_to_end_with_an_ff_baseline(trained, tmp_path):
   # The probe's MLM accuracy is training's final evaluation (same split, masks, tokenizer).
   np.testing.assert_allclose(summary["mlm_accuracy"],
                              [train_summary["mlm_accuracy"][str(m)] for m in dims], atol=1e-6)
-  assert summary["retrieval_data"]["database"] == 100 and summary["retrieval_data"]["queries"] == 100
+  data = summary["retrieval_data"]
+  assert data["database"] == 100 and data["queries"] == 100
   for key in ("knn1_top1", "map@10", "precision@10", "recall@10", "lee_pearson", "lee_spearman"):
     assert len(summary[key]) == 4 and all(v is not None for v in summary[key]), key
     assert len(summary["baseline_" + key]) == 4, key
@@ -395,6 +399,7 @@ def test_probe_end_to_end_with_an_ff_baseline(trained, tmp_path):
   assert "baseline (ff head" in report and "| 16 |" in report
 
 
+@pytest.mark.slow
 def test_second_phase_starts_from_the_first_runs_weights(trained, tmp_path):
   """BERT's 512-token phase as configs/bert_mlm.py describes it: another seq_len, init_from."""
   from mrl_jax import train

@@ -113,13 +113,14 @@ def measure(model, workdir: str, config: ml_collections.ConfigDict, settings: di
   """Every per-size row of one restored text model (keys prefixed by `prefix`)."""
   from mrl_jax.data import text_demo
   out: dict[str, Any] = {}
+  who = prefix.replace("_", " ")  # "baseline " in the log lines
   mlm = mlm_rows(model, _model_data_config(model, config, workdir), split, settings["batch_size"])
   own = list(model.dims)
   # The model's own sizes, placed at the probe's dims (None where it scores none).
   out["mlm_accuracy"] = [mlm["mlm_accuracy"][own.index(m)] if m in own else None for m in dims]
   out["mlm_loss"] = [mlm["mlm_loss"][own.index(m)] if m in own else None for m in dims]
   out["mlm_predictions"] = mlm["mlm_predictions"]
-  log(f"  {prefix}MLM accuracy: " + " ".join(
+  log(f"  {who}MLM accuracy: " + " ".join(
       f"@{m}:{a:.4f}" for m, a in zip(dims, out["mlm_accuracy"]) if a is not None))
 
   texts, labels, class_names = text_demo.labelled_texts()
@@ -130,13 +131,13 @@ def measure(model, workdir: str, config: ml_collections.ConfigDict, settings: di
                             len(class_names)))
   out["retrieval_data"] = {"texts": len(texts), "database": int(len(db)),
                            "queries": int(len(q)), "classes": list(class_names)}
-  log(f"  {prefix}retrieval 1-NN top-1: " + " ".join(
+  log(f"  {who}retrieval 1-NN top-1: " + " ".join(
       f"@{m}:{a:.4f}" for m, a in zip(dims, out["knn1_top1"]) if a is not None))
 
   docs, human = text_demo.lee_similarity()
   out.update(lee_rows(model.embed_text(docs, normalize=False), np.asarray(human), dims))
   out["lee_pairs"] = len(docs) * (len(docs) - 1) // 2
-  log(f"  {prefix}Lee Spearman: " + " ".join(
+  log(f"  {who}Lee Spearman: " + " ".join(
       f"@{m}:{a:.3f}" for m, a in zip(dims, out["lee_spearman"]) if a is not None))
   return {prefix + k: v for k, v in out.items()}
 
@@ -147,7 +148,8 @@ def run_text_probe(workdir: str, config: ml_collections.ConfigDict,
   if config.get("task", "classification") != "mlm":
     raise ConfigError(f"{workdir} holds a masked-LM model but --config is a "
                       f"{config.get('task', 'classification')!r} config: probe it with a text "
-                      "config (e.g. --config configs/bert_mlm.py) whose config.data is a text corpus.")
+                      "config (e.g. --config configs/bert_mlm.py) whose config.data is a text "
+                      "corpus.")
   start = time.time()
   model = inference.load(workdir)
   model.batch_size = settings["batch_size"]
