@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mrl_jax.errors import ConfigError
+from mrl_jax.models.nested_head import prefix_sum_logits
 from mrl_jax.nesting import Nesting
 
 # BERT's initialisation: N(0, 0.02) dense kernels, zero biases, LN ones/zeros.
@@ -91,19 +92,10 @@ class NestedMLMHead(nnx.Module):
     """Nested logits of transformed vectors h [..., d] against E [V, d]: [n, ..., V]."""
     h = h.astype(self.dtype)
     embedding = embedding.astype(self.dtype)
-    dims = self.nesting.dims
-    # jnp.split (not slicing) so the backward pass concatenates the chunk
-    # gradients instead of padding each one to full width and adding. Dims
-    # past the largest size (an "ff" head on k < d) are split off and unused.
-    bounds = list(dims) if dims[-1] < self.width else list(dims[:-1])
-    h_chunks = jnp.split(h, bounds, axis=-1)[:len(dims)]
-    e_chunks = jnp.split(embedding, bounds, axis=-1)[:len(dims)]
-    logits, running = [], None
-    for h_chunk, e_chunk in zip(h_chunks, e_chunks):
-      partial = jnp.einsum("...k,vk->...v", h_chunk, e_chunk)
-      running = partial if running is None else running + partial
-      logits.append(running)
-    return jnp.stack(logits) + self.bias[...].astype(self.dtype)
+    # The MRL-E running sum with its hand-written backward (models/nested_head.py);
+    # dims past the largest size (an "ff" head on k < d) are unused.
+    return prefix_sum_logits(h, embedding, self.bias[...].astype(self.dtype),
+                             self.nesting.chunks, classes_first=True)
 
   def __call__(self, hidden: jax.Array, embedding: jax.Array) -> jax.Array:
     """Final hidden states [..., d] (already gathered) -> nested logits [n, ..., V]."""
