@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The GPU session's prepared script: logs and JSON into $OUT. Run from the repo
 # root on a machine whose JAX sees a GPU, naming the stages to run (default: all):
-#   OUT=/tmp/out bash benchmarks/gpu_checks.sh [versions] [vit] [retrieval] [heads] [tests] [train]
+#   OUT=/tmp/out bash benchmarks/gpu_checks.sh [versions] [vit] [retrieval] [heads] [bert] [tests] [train]
 #   versions   library versions and the GPU
 #   vit        ViT-B/16 step time with MRL / MRL-E / plain heads (18,291 classes),
 #              and compile_check memory of vit_jft at 128 per device, remat off/on
 #   retrieval  1M x 2048 adaptive / funnel / faiss retrieval against exact search
 #   heads      nested-head micro-benchmark at batch 256 and 1024
+#   bert       BERT-Base MLM train step, nested head 12..768 vs the plain decoder,
+#              seq 128, batch 8 and 64, float32 and bfloat16
 #   tests      the GPU-marked tests and the head, loss and ViT tests
 #   train      quickstart, resnet50_imagenet:runlocal and vit_jft:runlocal
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD" XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT="${OUT:-/tmp/mrl_gpu_out}"; mkdir -p "$OUT"
-STAGES="${*:-versions vit retrieval heads tests train}"
+STAGES="${*:-versions vit retrieval heads bert tests train}"
 quiet() { grep -v "^W1\|^I1\|^WARNING"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -36,6 +38,13 @@ fi
 if has heads; then
   for batch in 256 1024; do
     python3 benchmarks/nested_head.py --batch "$batch" --repeats 50 --out "$OUT/nested_head_b$batch.json" 2>&1 | quiet | tee -a "$OUT/bench.txt"
+  done
+fi
+if has bert; then
+  for args in "--batch 8 --dtype float32" "--batch 8 --dtype bfloat16" "--batch 64 --dtype bfloat16"; do
+    name="bert_step_$(echo $args | tr -d ' -' | sed 's/batch/b/;s/dtype//')"
+    timeout 300 python3 benchmarks/bert_step.py --variant base --seq 128 $args --repeats 30 \
+      --out "$OUT/$name.json" 2>&1 | quiet | tee -a "$OUT/bert_step.txt"
   done
 fi
 if has tests; then
