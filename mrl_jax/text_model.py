@@ -70,9 +70,16 @@ class RestoredTextModel:
       return model.all_logits(batch["input_ids"], token_type_ids=batch["token_type_ids"],
                               attention_mask=batch["attention_mask"]).astype(jnp.float32)
 
-    @jax.jit
-    def sums(params, model_state, batch):
-      return task.eval_sums(self.config, merged(params, model_state), batch, nesting)
+    @functools.partial(jax.jit, static_argnames="dims")
+    def sums(params, model_state, batch, dims):
+      model = merged(params, model_state)
+      if dims is None:
+        return task.eval_sums(self.config, model, batch, nesting)
+      logits = model(batch["input_ids"], masked_positions=batch["masked_positions"],
+                     token_type_ids=batch["token_type_ids"],
+                     attention_mask=batch["attention_mask"], train=False, dims=dims)
+      weights = batch["masked_weights"] * batch["mask"].astype(jnp.float32)[:, None]
+      return mlm.masked_lm_sums(logits, batch["masked_ids"], weights)
 
     self._embed, self._all_logits, self._sums = embed, all_logits, sums
 
@@ -186,14 +193,20 @@ class RestoredTextModel:
              for real, b in self._batches(arrays)]
     return np.concatenate(parts, axis=1)
 
-  def mlm_sums(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  def mlm_sums(self, batch: dict[str, np.ndarray],
+               dims: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """The task's eval sums (correct, loss_sum [num_sizes], count) of one masked batch
-    with "mask" rows, as `make_mlm_eval_batches` yields (decodes only masked positions)."""
+    with "mask" rows, as `make_mlm_eval_batches` yields (decodes only masked positions).
+
+    `dims` scores other prefix sizes than the model's nesting (at most its
+    width): the decoder truncated to h[:m] @ E[:, :m]^T + b.
+    """
+    dims = None if dims is None else tuple(int(m) for m in dims)
     keys = ("input_ids", "token_type_ids", "attention_mask", "masked_positions", "masked_ids",
             "masked_weights", "mask")
     arrays = {k: np.asarray(batch[k]) for k in keys}
     totals = None
     for _, b in self._batches(arrays):  # padding rows have mask 0
-      out = jax.tree.map(np.asarray, self._sums(self._params, self._model_state, b))
+      out = jax.tree.map(np.asarray, self._sums(self._params, self._model_state, b, dims))
       totals = out if totals is None else jax.tree.map(np.add, totals, out)
     return totals

@@ -88,6 +88,19 @@ def test_nested_logits_equal_a_per_size_loop_in_float64(dims):
   np.testing.assert_allclose(naive, want, rtol=0, atol=atol)
 
 
+def test_a_plain_head_truncated_to_other_sizes_equals_the_per_size_loop():
+  # The truncated-FF baseline: an FF head over all 32 dims scores prefixes it was not built for.
+  h, e, b = _decode_inputs(seed=1)
+  dims = (3, 8, 20, 32)
+  got = np.asarray(jax.jit(lambda h, e: _head((32,), bias=b).decode(h, e, dims))(h, e))
+  want = np.stack([h[..., :m].astype(np.float64) @ e[:, :m].T.astype(np.float64) + b
+                   for m in dims])
+  atol = float32_atol(np.abs(want).max(), fan_in=32, depth=len(dims))
+  np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+  with pytest.raises(ValueError, match="width"):
+    _head((32,)).decode(h, e, (8, 64))
+
+
 def test_nested_gradients_equal_the_per_size_loop():
   dims = (4, 8, 16, 32)
   h, e, b = _decode_inputs(seed=2)

@@ -334,6 +334,14 @@ def test_inference_embeds_text_and_gives_mlm_logits(trained, text_demo_data_dir)
   count = float(sums["count"])
   np.testing.assert_allclose(np.asarray(sums["loss_sum"]) / count, ref_loss, rtol=1e-4)
   np.testing.assert_allclose(np.asarray(sums["correct"]) / count, ref_acc, atol=1e-6)
+  # Other prefix sizes (the truncated-FF rows): the model's own sizes give its own sums,
+  # and a size scored alone equals the same size scored beside others.
+  own = model.mlm_sums(batch, dims=(4, 8, 16, 32))
+  for k in ("loss_sum", "correct"):
+    np.testing.assert_allclose(own[k], sums[k], rtol=1e-6, atol=1e-6)
+  alone, beside = model.mlm_sums(batch, dims=(3,)), model.mlm_sums(batch, dims=(3, 32))
+  np.testing.assert_allclose(alone["loss_sum"][0], beside["loss_sum"][0], rtol=1e-5)
+  np.testing.assert_allclose(beside["loss_sum"][1], sums["loss_sum"][3], rtol=1e-5)
 
 
 def test_a_tokenizer_that_does_not_fit_the_checkpoint_is_one_line(tmp_path):
@@ -374,6 +382,11 @@ def test_probe_end_to_end_with_an_ff_baseline(trained, tmp_path):
   # The FF-16 baseline scores only its own size.
   assert summary["baseline"]["dims"] == [16]
   assert [v is not None for v in summary["baseline_mlm_accuracy"]] == [False, False, True, False]
+  # ... and its decoder cut to the probe's sizes up to its own width (16) gives the rest;
+  # at 16 that is its own accuracy.
+  cut = summary["baseline_mlm_accuracy_truncated"]
+  assert [v is not None for v in cut] == [True, True, True, False]
+  assert cut[2] == pytest.approx(summary["baseline_mlm_accuracy"][2], abs=1e-6)
   # The Lee rows recomputed with scipy from the model's embeddings (the probe's
   # batch size: the same computation; a barely trained model's cosines are all
   # close to 1, so their ranks hang on the last bits of float32).

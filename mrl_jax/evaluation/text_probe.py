@@ -59,13 +59,14 @@ def stratified_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.nda
 
 
 def mlm_rows(model, data_cfg: ml_collections.ConfigDict, split: str,
-             batch_size: int) -> dict[str, Any]:
-  """MLM accuracy / loss per size over `split` (sums of the task's eval_sums)."""
+             batch_size: int, dims: list[int] | None = None) -> dict[str, Any]:
+  """MLM accuracy / loss per size over `split` (sums of the task's eval_sums); with
+  `dims`, the model's decoder truncated to each of those prefix sizes instead."""
   from mrl_jax.data import mlm_pipeline
   totals = None
   for batch in mlm_pipeline.make_mlm_eval_batches(data_cfg, global_batch_size=batch_size,
                                                   split=split):
-    sums = model.mlm_sums(batch)
+    sums = model.mlm_sums(batch, dims)
     totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
   if totals is None:
     raise ValueError(f"Split {data_cfg.name}/{split} yielded no batches.")
@@ -114,12 +115,20 @@ def measure(model, workdir: str, config: ml_collections.ConfigDict, settings: di
   from mrl_jax.data import text_demo
   out: dict[str, Any] = {}
   who = prefix.replace("_", " ")  # "baseline " in the log lines
-  mlm = mlm_rows(model, _model_data_config(model, config, workdir), split, settings["batch_size"])
+  data = _model_data_config(model, config, workdir)
+  mlm = mlm_rows(model, data, split, settings["batch_size"])
   own = list(model.dims)
   # The model's own sizes, placed at the probe's dims (None where it scores none).
   out["mlm_accuracy"] = [mlm["mlm_accuracy"][own.index(m)] if m in own else None for m in dims]
   out["mlm_loss"] = [mlm["mlm_loss"][own.index(m)] if m in own else None for m in dims]
   out["mlm_predictions"] = mlm["mlm_predictions"]
+  if prefix:
+    # A baseline scores only its own sizes; its decoder cut to every probe size
+    # (h[:m] @ E[:, :m]^T + b) is the paper's truncated-FF row. Dims past its
+    # largest trained size never met a loss: no row there.
+    sizes = [m for m in dims if m <= max(model.dims)]
+    cut = mlm_rows(model, data, split, settings["batch_size"], sizes)["mlm_accuracy"]
+    out["mlm_accuracy_truncated"] = cut + [None] * (len(dims) - len(sizes))
   log(f"  {who}MLM accuracy: " + " ".join(
       f"@{m}:{a:.4f}" for m, a in zip(dims, out["mlm_accuracy"]) if a is not None))
 
@@ -236,7 +245,8 @@ def write_text_report(summary: dict[str, Any], out_dir: str) -> None:
            f"({', '.join(data['classes'])}), {data['database']} in the database, "
            f"{data['queries']} queries, unit-normalised prefixes. Lee: "
            f"{summary['lee_pairs']} document pairs. Accuracies in %.", ""]
-  columns = [("mlm_accuracy", "MLM acc", 100), ("mlm_loss", "MLM loss", 1),
+  columns = [("mlm_accuracy", "MLM acc", 100), ("mlm_accuracy_truncated", "MLM acc, cut", 100),
+             ("mlm_loss", "MLM loss", 1),
              ("knn1_top1", "1-NN", 100), ("map@10", "mAP@10", 100),
              ("precision@10", "P@10", 100), ("recall@10", "R@10", 100),
              ("lee_pearson", "Lee r", 1), ("lee_spearman", "Lee rho", 1)]

@@ -37,6 +37,7 @@ plain PartitionSpec.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -311,16 +312,18 @@ class BertMLM(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, *, masked_positions: jax.Array,
                token_type_ids: jax.Array | None = None,
-               attention_mask: jax.Array | None = None, train: bool) -> jax.Array:
+               attention_mask: jax.Array | None = None, train: bool,
+               dims: Sequence[int] | None = None) -> jax.Array:
     """Nested logits [num_sizes, B, P, V] at `masked_positions` [B, P] only.
 
     The hidden states are gathered before the head, so only the P scored
-    tokens per row meet the [V, d] decoder.
+    tokens per row meet the [V, d] decoder. `dims` (default: the head's
+    nesting) scores other prefix sizes, e.g. a plain model truncated.
     """
     hidden = self.encoder(input_ids, token_type_ids=token_type_ids,
                           attention_mask=attention_mask, train=train)
     picked = jnp.take_along_axis(hidden, masked_positions[..., None].astype(jnp.int32), axis=1)
-    return self.head(picked, self.encoder.word_embedding())
+    return self.head(picked, self.encoder.word_embedding(), dims)
 
   def all_logits(self, input_ids: jax.Array, *, token_type_ids: jax.Array | None = None,
                  attention_mask: jax.Array | None = None) -> jax.Array:

@@ -88,18 +88,33 @@ class NestedMLMHead(nnx.Module):
     self.transform = MLMTransform(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype))
 
-  def decode(self, h: jax.Array, embedding: jax.Array) -> jax.Array:
-    """Nested logits of transformed vectors h [..., d] against E [V, d]: [n, ..., V]."""
+  def decode(self, h: jax.Array, embedding: jax.Array,
+             dims: Sequence[int] | None = None) -> jax.Array:
+    """Nested logits of transformed vectors h [..., d] against E [V, d]: [n, ..., V].
+
+    `dims` scores other prefix sizes than the head's own (at most the width):
+    e.g. a plain (FF) model's decoder truncated to every size, the paper's
+    "truncated FF" baseline.
+    """
+    chunks = self.nesting.chunks if dims is None else _checked_nesting(dims, self.width).chunks
     h = h.astype(self.dtype)
     embedding = embedding.astype(self.dtype)
     # The MRL-E running sum with its hand-written backward (models/nested_head.py);
     # dims past the largest size (an "ff" head on k < d) are unused.
     return prefix_sum_logits(h, embedding, self.bias[...].astype(self.dtype),
-                             self.nesting.chunks, classes_first=True)
+                             chunks, classes_first=True)
 
-  def __call__(self, hidden: jax.Array, embedding: jax.Array) -> jax.Array:
+  def __call__(self, hidden: jax.Array, embedding: jax.Array,
+               dims: Sequence[int] | None = None) -> jax.Array:
     """Final hidden states [..., d] (already gathered) -> nested logits [n, ..., V]."""
-    return self.decode(self.transform(hidden.astype(self.dtype)), embedding)
+    return self.decode(self.transform(hidden.astype(self.dtype)), embedding, dims)
+
+
+def _checked_nesting(dims: Sequence[int], width: int) -> Nesting:
+  nesting = Nesting.create(dims)
+  if nesting.dims[-1] > width:
+    raise ValueError(f"dims={nesting.dims} go past the model's width {width}.")
+  return nesting
 
 
 def naive_nested_mlm_logits(h: jax.Array, embedding: jax.Array, bias: jax.Array,
