@@ -82,7 +82,7 @@ class Experiment:
   def embed_step(self) -> Callable:
     """jit(params, model_state, global batch) -> replicated `Task.embed` dict."""
     return self._cached("embed", lambda: train_step.make_embed_step(
-        self.task, self.spec, self.mesh, self.state_shardings))
+        self.task, self.config, self.spec, self.mesh, self.state_shardings))
 
   def init_state(self) -> dict[str, Any]:
     """A freshly initialised state, created directly in its shardings."""

@@ -100,7 +100,8 @@ def make_eval_step(task: Task, config: ml_collections.ConfigDict, nesting: Nesti
                  out_shardings=sharding.replicated(mesh))
 
 
-def make_embed_step(task: Task, spec: StateSpec, mesh: Mesh, state_shardings: Any) -> Callable:
+def make_embed_step(task: Task, config: ml_collections.ConfigDict, spec: StateSpec, mesh: Mesh,
+                    state_shardings: Any) -> Callable:
   """jit(params, model_state, batch) -> the task's `embed` dict ({"z" [B, d], ...}), replicated.
 
   For evaluators that need the representation itself (k-NN, linear probes);
@@ -110,7 +111,7 @@ def make_embed_step(task: Task, spec: StateSpec, mesh: Mesh, state_shardings: An
 
   def embed_step(params, model_state, batch):
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    return task.embed(model, batch)
+    return task.embed(config, model, batch)
 
   return jax.jit(embed_step, in_shardings=(state_shardings["params"],
                                            state_shardings["model_state"],

@@ -125,7 +125,7 @@ class RegressionTask(Task):
     return {"mse": totals["sse"] / max(float(totals["count"]), 1.0),
             "count": int(totals["count"])}
 
-  def embed(self, model, batch):
+  def embed(self, config, model, batch):
     return {"z": model.encoder(batch["x"]), "mask": batch["mask"]}
 
   def restored_model(self, exp, state, step):

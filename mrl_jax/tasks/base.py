@@ -159,7 +159,8 @@ class Task(abc.ABC):
     """Eval-split results from the summed `eval_sums`: per-size arrays and "count"."""
 
   @abc.abstractmethod
-  def embed(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  def embed(self, config: ml_collections.ConfigDict, model: nnx.Module,
+            batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """{"z": [B, d] float32, plus what evaluators need (e.g. "label", "mask")}."""
 
   # ------------------------------------------------------------ reporting

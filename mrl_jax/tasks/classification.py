@@ -169,7 +169,8 @@ class ClassificationTask(Task):
     return {"top1": totals["correct"] / count, "loss": totals["loss_sum"] / count,
             "count": int(totals["count"])}
 
-  def embed(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  def embed(self, config: ml_collections.ConfigDict, model: nnx.Module,
+            batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     z = model.encoder(batch["image"], train=False).astype(jnp.float32)
     return {"z": z, "label": batch["label"], "mask": batch["mask"]}
 

@@ -84,7 +84,12 @@ def nested_mlm_xent(logits: jax.Array, masked_ids: jax.Array, masked_weights: ja
   Both per-size values are averages over the real predictions
   (masked_weights > 0) of the whole batch, weighted by masked_weights.
   """
-  sums = masked_lm_sums(logits, masked_ids, masked_weights)
+  return nested_mlm_xent_of_sums(masked_lm_sums(logits, masked_ids, masked_weights), weights)
+
+
+def nested_mlm_xent_of_sums(sums: dict[str, jax.Array], weights: jax.Array
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`nested_mlm_xent` from `masked_lm_sums`' output (e.g. `BertMLM.mlm_sums`, fused)."""
   count = jnp.maximum(sums["count"], 1.0)
   per_size_loss, accuracy = sums["loss_sum"] / count, sums["correct"] / count
   return jnp.sum(jnp.asarray(weights, jnp.float32) * per_size_loss), per_size_loss, accuracy
@@ -112,17 +117,12 @@ class MaskedLMTask(Task):
   name = "mlm"
   console_metric = "mlm_accuracy"
 
-  def __init__(self):
-    # `embed` gets no config: the pooling is taken from the config the task last
-    # saw (every entry point checks or builds through the task first).
-    self.pooling = DEFAULT_POOLING
-
   # ------------------------------------------------------------ config and data
   def check_config(self, config: ml_collections.ConfigDict) -> None:
     if config.model.get("name") != "bert":
       raise ConfigError(f"config.model.name={config.model.get('name')!r}: config.task='mlm' "
                         "trains a BERT encoder: set config.model.name='bert'.")
-    self.pooling = pooling_of(config)
+    pooling_of(config)
     if config.head not in ("mrl", "mrl_e", "ff"):
       raise ConfigError(f"config.head={config.head!r} is unknown: use 'mrl_e' (the tied decoder "
                         "sliced per size; 'mrl' is the same for a tied decoder) or 'ff'.")
@@ -213,7 +213,6 @@ class MaskedLMTask(Task):
                   rngs: nnx.Rngs) -> nnx.Module:
     from mrl_jax import models
     from mrl_jax.models import bert
-    self.pooling = pooling_of(config)
     return bert.build_bert_mlm(config.model, nesting, vocab_size=int(info.vocab_size),
                                head=config.head, dtype=models.compute_dtype(config), rngs=rngs)
 
@@ -243,21 +242,27 @@ class MaskedLMTask(Task):
                  token_type_ids=batch.get("token_type_ids"),
                  attention_mask=batch.get("attention_mask"), train=train)
 
+  def _sums(self, model: nnx.Module, batch: dict[str, jax.Array], masked_weights: jax.Array,
+            train: bool) -> dict[str, jax.Array]:
+    return model.mlm_sums(batch["input_ids"], masked_positions=batch["masked_positions"],
+                          masked_ids=batch["masked_ids"], masked_weights=masked_weights,
+                          token_type_ids=batch.get("token_type_ids"),
+                          attention_mask=batch.get("attention_mask"), train=train)
+
   def loss(self, config: ml_collections.ConfigDict, model: nnx.Module,
            batch: dict[str, jax.Array], nesting: Nesting, *,
            train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-    logits = self._logits(model, batch, train)
-    total, per_size_loss, accuracy = nested_mlm_xent(
-        logits, batch["masked_ids"], batch["masked_weights"],
-        jnp.asarray(nesting.weights, jnp.float32))
+    # The decoder and the loss fused: no [n, B, P, V] logits (nested_mlm_head.py).
+    sums = self._sums(model, batch, batch["masked_weights"], train)
+    total, per_size_loss, accuracy = nested_mlm_xent_of_sums(
+        sums, jnp.asarray(nesting.weights, jnp.float32))
     return total, {"per_size_loss": per_size_loss, "per_size_mlm_accuracy": accuracy}
 
   def eval_sums(self, config: ml_collections.ConfigDict, model: nnx.Module,
                 batch: dict[str, jax.Array], nesting: Nesting) -> dict[str, jax.Array]:
-    logits = self._logits(model, batch, False)
     # Padding rows of the last batch predict nothing.
     weights = batch["masked_weights"] * batch["mask"].astype(jnp.float32)[:, None]
-    sums = masked_lm_sums(logits, batch["masked_ids"], weights)
+    sums = self._sums(model, batch, weights, False)
     sums["sequences"] = batch["mask"].astype(jnp.float32).sum()
     return sums
 
@@ -268,9 +273,10 @@ class MaskedLMTask(Task):
             "count": int(round(float(totals["count"]))),
             "sequences": int(round(float(totals.get("sequences", 0))))}
 
-  def embed(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  def embed(self, config: ml_collections.ConfigDict, model: nnx.Module,
+            batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     z = model.embed(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
-                    attention_mask=batch.get("attention_mask"), pooling=self.pooling,
+                    attention_mask=batch.get("attention_mask"), pooling=pooling_of(config),
                     train=False)
     out = {"z": z.astype(jnp.float32)}
     if "mask" in batch:
