@@ -37,8 +37,8 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mrl_jax import train  # pylint: disable=wrong-import-position
-from mrl_jax.evaluation import probe  # pylint: disable=wrong-import-position
+# The image benchmark's train-then-probe step (reuses a finished run in its workdir).
+from benchmarks.mrl_shape import train_and_probe  # pylint: disable=wrong-import-position
 
 METHODS = ("mrl", "ff", "ff_truncated")
 LABELS = {"mrl": "MRL (one model)", "ff": "FF-k (one model per size)",
@@ -61,28 +61,6 @@ def base_config(dims: tuple[int, ...], steps: int, data_dir: str | None):
   config.log_every_steps = max(steps // 10, 1)
   config.data.data_dir = data_dir
   return config
-
-
-def _trained(workdir: str, steps: int) -> bool:
-  try:
-    with open(os.path.join(workdir, "summary.json")) as f:
-      return json.load(f).get("steps") == steps
-  except (OSError, ValueError):
-    return False
-
-
-def train_and_probe(name: str, config, workdir: str, timings: dict[str, float]) -> dict[str, Any]:
-  """Trains `config` in `workdir` (unless already done) and returns the probe summary."""
-  print(f"=== {name}: head={config.head}, ff_dim={config.get('ff_dim')}, "
-        f"{config.total_steps} steps", flush=True)
-  start = time.time()
-  if not _trained(workdir, config.total_steps):
-    train.train_and_evaluate(config, workdir)
-  timings[f"{name}_train_s"] = round(time.time() - start, 1)
-  start = time.time()
-  summary = probe.run_probe(workdir, config)
-  timings[f"{name}_probe_s"] = round(time.time() - start, 1)
-  return summary
 
 
 def run(dims: tuple[int, ...], ff_dims: tuple[int, ...], steps: int, workdir: str,

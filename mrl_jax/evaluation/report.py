@@ -16,7 +16,7 @@ BASELINES = (("", "MRL"), ("svd_", "SVD of MRL's embedding"), ("random_", "rando
              ("baseline_svd_", "SVD of baseline"), ("baseline_random_", "random baseline features"))
 
 
-def _finish(fig, ax, path: str, xlabel: str, ylabel: str, base: int) -> None:
+def finish_plot(fig, ax, path: str, xlabel: str, ylabel: str, base: int = 2) -> None:
   """Log-scale x axis, labels, grid and legend; saves the PNG and frees the figure."""
   ax.set_xscale("log", base=base)
   ax.set_xlabel(xlabel)
@@ -36,7 +36,7 @@ def _plot_metric(summary: dict[str, Any], key: str, title: str, path: str) -> No
       ax.plot(*zip(*points), marker="o", label=label)
   if key == "linear_top1" and "head_top1" in summary:
     ax.plot(summary["dims"], summary["head_top1"], marker="x", linestyle="--", label="nested head")
-  _finish(fig, ax, path, "representation size (dims)", title, base=2)
+  finish_plot(fig, ax, path, "representation size (dims)", title, base=2)
 
 
 def _plot_cascade(adaptive: dict[str, Any], path: str) -> None:
@@ -46,7 +46,7 @@ def _plot_cascade(adaptive: dict[str, Any], path: str) -> None:
           label="adaptive cascade")
   ax.plot([p["dim"] for p in adaptive["fixed"]], [p["accuracy"] for p in adaptive["fixed"]],
           marker="s", label="fixed size")
-  _finish(fig, ax, path, "expected dims per example", "top-1", base=2)
+  finish_plot(fig, ax, path, "expected dims per example", "top-1", base=2)
 
 
 def _plot_retrieval(funnel: dict[str, Any], path: str) -> None:
@@ -54,7 +54,7 @@ def _plot_retrieval(funnel: dict[str, Any], path: str) -> None:
   for name, result in funnel.items():
     if isinstance(result, dict) and "mflops" in result:
       ax.scatter(result["mflops"], result["map@10"], label=name)
-  _finish(fig, ax, path, "MFLOPs per query (multiply-adds)", "mAP@10", base=10)
+  finish_plot(fig, ax, path, "MFLOPs per query (multiply-adds)", "mAP@10", base=10)
 
 
 def _table(summary: dict[str, Any], keys: list[tuple[str, str]]) -> list[str]:

@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from mrl_jax import inference  # noqa: E402
 from mrl_jax.errors import ConfigError  # noqa: E402
 from mrl_jax.evaluation import similarity  # noqa: E402
+from mrl_jax.evaluation.report import finish_plot  # noqa: E402
 
 RETRIEVAL_KEYS = ("knn1_top1", "map@10", "precision@10", "recall@10")
 
@@ -208,14 +209,7 @@ def _plot(summary: dict[str, Any], keys, ylabel: str, path: str) -> None:
       points = [(m, v) for m, v in zip(summary["dims"], values) if v is not None]
       if points:
         ax.plot(*zip(*points), marker="o", linestyle=style, label=f"{who} {label}")
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("representation size (dims)")
-  ax.set_ylabel(ylabel)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  finish_plot(fig, ax, path, "representation size (dims)", ylabel)
 
 
 def _cell(value: float | None, scale: float) -> str:

@@ -46,6 +46,7 @@ import ml_collections
 from flax import nnx
 
 from mrl_jax.errors import ConfigError
+from mrl_jax.models import vit
 from mrl_jax.models.nested_head import HEAD_KINDS
 from mrl_jax.models.nested_mlm_head import NestedMLMHead, bert_layer_norm
 from mrl_jax.nesting import Nesting
@@ -75,13 +76,7 @@ POOLINGS = ("cls", "mean")
 # layout a vocab-parallel cross-entropy wants. Never the hidden dim d of the
 # embedding or of the MLM transform: the nested prefixes slice it. Dims no
 # rule names are FSDP-sharded by `sharding.spec_for`.
-SHARDING_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"(^|/)attn/[qkv]_proj/kernel", ("model", None)),
-    (r"(^|/)attn/[qkv]_proj/bias", ("model", None)),
-    (r"(^|/)attn/out_proj/kernel", ("model", None, None)),
-    (r"(^|/)mlp/fc1/kernel", (None, "model")),
-    (r"(^|/)mlp/fc1/bias", ("model",)),
-    (r"(^|/)mlp/fc2/kernel", ("model", None)),
+SHARDING_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = vit.BLOCK_SHARDING_RULES + (
     (r"(^|/)embeddings/word/embedding", ("model", None)),
     (r"(^|/)head/bias", ("model",)),
 )
@@ -324,6 +319,22 @@ class BertMLM(nnx.Module):
                           attention_mask=attention_mask, train=train)
     picked = jnp.take_along_axis(hidden, masked_positions[..., None].astype(jnp.int32), axis=1)
     return self.head(picked, self.encoder.word_embedding(), dims)
+
+  def mlm_sums(self, input_ids: jax.Array, *, masked_positions: jax.Array,
+               masked_ids: jax.Array, masked_weights: jax.Array,
+               token_type_ids: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, train: bool,
+               dims: Sequence[int] | None = None) -> dict[str, jax.Array]:
+    """`tasks.mlm.masked_lm_sums` of `__call__`'s logits, decoder and loss fused.
+
+    {"loss_sum" [n], "correct" [n], "count" []} over the [B, P] predictions;
+    the [n, B, P, V] logits are never stored (`NestedMLMHead.masked_lm_sums`).
+    """
+    hidden = self.encoder(input_ids, token_type_ids=token_type_ids,
+                          attention_mask=attention_mask, train=train)
+    picked = jnp.take_along_axis(hidden, masked_positions[..., None].astype(jnp.int32), axis=1)
+    return self.head.masked_lm_sums(picked, self.encoder.word_embedding(), masked_ids,
+                                    masked_weights, dims)
 
   def all_logits(self, input_ids: jax.Array, *, token_type_ids: jax.Array | None = None,
                  attention_mask: jax.Array | None = None) -> jax.Array:

@@ -67,13 +67,16 @@ POOLS = ("token", "gap")
 # and fc2 are added after that all-reduce, so no rule names them (replicated).
 # `spec_for` searches (not matches) the patterns, so optimizer state, whose
 # paths carry a prefix such as "1/0/mu/", is placed like its parameter.
-SHARDING_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+# BERT's blocks use the same parameter names and the same rules (models/bert.py).
+BLOCK_SHARDING_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)attn/[qkv]_proj/kernel", ("model", None)),
     (r"(^|/)attn/[qkv]_proj/bias", ("model", None)),
     (r"(^|/)attn/out_proj/kernel", ("model", None, None)),
     (r"(^|/)mlp/fc1/kernel", (None, "model")),
     (r"(^|/)mlp/fc1/bias", ("model",)),
     (r"(^|/)mlp/fc2/kernel", ("model", None)),
+)
+SHARDING_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = BLOCK_SHARDING_RULES + (
     # The nested head: classes over "model", never the embedding dim that the
     # nested prefixes slice.
     (r"(^|/)head/", ("model",)),
