@@ -28,10 +28,22 @@ Cost: the chunks between consecutive sizes (`nesting.chunks`) are multiplied
 once each and the partial logits summed as a running total, so all sizes
 together cost d * V multiply-adds per scored token, the same as the plain
 decoder (a per-size loop costs sum(m) * V, about 2x for a doubling list).
+
+Training does not need the logits themselves, only each size's cross-entropy:
+`NestedMLMHead.masked_lm_sums` fuses the decoder with the loss
+(`nested_xent_sums`, a hand-written VJP). Its forward keeps one size's logits
+at a time (logsumexp, true-token logit, argmax) instead of a [n, ..., V]
+float32 stack; its backward recomputes the running sums (one more d x V
+product per token, cheaper on a CPU than writing and re-reading the stack),
+turns each size into c_i * w * (softmax_i - onehot) and sums them as the
+reverse running sum G_j of `prefix_sum_logits`, so autodiff's scatter of the
+true-token gradient and its separate passes over every size are gone
+(benchmarks/README.md, "Nested MLM head overhead on BERT", for the numbers).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,6 +121,20 @@ class NestedMLMHead(nnx.Module):
     """Final hidden states [..., d] (already gathered) -> nested logits [n, ..., V]."""
     return self.decode(self.transform(hidden.astype(self.dtype)), embedding, dims)
 
+  def masked_lm_sums(self, hidden: jax.Array, embedding: jax.Array, masked_ids: jax.Array,
+                     masked_weights: jax.Array,
+                     dims: Sequence[int] | None = None) -> dict[str, jax.Array]:
+    """`tasks.mlm.masked_lm_sums` of this head's logits, without materializing them.
+
+    hidden [..., d] (already gathered), masked_ids and masked_weights [...]:
+    {"loss_sum" [n], "correct" [n], "count" []}, differentiable in the
+    parameters and `embedding` (not in the ids or weights).
+    """
+    chunks = self.nesting.chunks if dims is None else _checked_nesting(dims, self.width).chunks
+    h = self.transform(hidden.astype(self.dtype))
+    return nested_xent_sums(h, embedding.astype(self.dtype), self.bias[...].astype(self.dtype),
+                            chunks, masked_ids, masked_weights)
+
 
 def _checked_nesting(dims: Sequence[int], width: int) -> Nesting:
   nesting = Nesting.create(dims)
@@ -124,3 +150,77 @@ def naive_nested_mlm_logits(h: jax.Array, embedding: jax.Array, bias: jax.Array,
   Tests and the benchmark compare `NestedMLMHead.decode` against it.
   """
   return jnp.stack([h[..., :m] @ embedding[:, :m].T + bias for m in dims])
+
+
+def _size_logits(chunks, h, embedding, bias):
+  """Yields (chunk, logits of its size): the running sum b + h_0 E_0^T + ..., as in decode."""
+  running = bias
+  for start, end in chunks:
+    running = running + h[:, start:end] @ embedding[:, start:end].T
+    yield (start, end), running
+
+
+def _xent_forward(chunks, h, embedding, bias, ids, weights):
+  lse, true, correct = [], [], []
+  for _, logits in _size_logits(chunks, h, embedding, bias):
+    logits = logits.astype(jnp.float32)
+    lse.append(jax.nn.logsumexp(logits, axis=-1))
+    true.append(jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0])
+    correct.append((jnp.argmax(logits, axis=-1) == ids).astype(jnp.float32))
+  lse, true, correct = jnp.stack(lse), jnp.stack(true), jnp.stack(correct)
+  return (jnp.sum((lse - true) * weights, axis=1), jnp.sum(correct * weights, axis=1)), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _nested_xent(chunks, h, embedding, bias, ids, weights):
+  return _xent_forward(chunks, h, embedding, bias, ids, weights)[0]
+
+
+def _nested_xent_fwd(chunks, h, embedding, bias, ids, weights):
+  sums, lse = _xent_forward(chunks, h, embedding, bias, ids, weights)
+  # Only the per-size logsumexp [n, N] is kept; the logits are recomputed.
+  return sums, (h, embedding, bias, ids, weights, lse)
+
+
+def _nested_xent_bwd(chunks, residuals, cotangents):
+  h, embedding, bias, ids, weights, lse = residuals
+  dloss, _ = cotangents  # "correct" is piecewise constant: no gradient
+  dtype = h.dtype
+  onehot = jnp.arange(embedding.shape[0])[None, :] == ids[:, None]
+  per_size = list(_size_logits(chunks, h, embedding, bias))
+  dh, dembedding, grad = [None] * len(chunks), [None] * len(chunks), None
+  for j in reversed(range(len(chunks))):  # G_j = sum_{i >= j} dlogits_i, each written once
+    (start, end), logits = per_size[j]
+    scale = (dloss[j] * weights)[:, None]
+    dlogits = scale * (jnp.exp(logits.astype(jnp.float32) - lse[j][:, None]) - onehot)
+    grad = dlogits if grad is None else grad + dlogits
+    g = grad.astype(dtype)
+    dh[j] = g @ embedding[:, start:end]
+    dembedding[j] = g.T @ h[:, start:end]
+  dh, dembedding = jnp.concatenate(dh, axis=1), jnp.concatenate(dembedding, axis=1)
+  unused = h.shape[1] - chunks[-1][1]
+  if unused:  # dims past the largest size get no gradient
+    dh = jnp.pad(dh, ((0, 0), (0, unused)))
+    dembedding = jnp.pad(dembedding, ((0, 0), (0, unused)))
+  dbias = jnp.sum(grad, axis=0).astype(bias.dtype)
+  return dh.astype(dtype), dembedding.astype(embedding.dtype), dbias, None, None
+
+
+_nested_xent.defvjp(_nested_xent_fwd, _nested_xent_bwd)
+
+
+def nested_xent_sums(h: jax.Array, embedding: jax.Array, bias: jax.Array,
+                     chunks: Sequence[tuple[int, int]], masked_ids: jax.Array,
+                     masked_weights: jax.Array) -> dict[str, jax.Array]:
+  """Per-size weighted cross-entropy and accuracy sums of the nested decoder's logits.
+
+  Equals `tasks.mlm.masked_lm_sums(prefix_sum_logits(h, embedding, bias, chunks,
+  classes_first=True), masked_ids, masked_weights)` (softmax in float32):
+  {"loss_sum" [n], "correct" [n], "count" []}, h [..., d], embedding E [V, d],
+  bias [V], masked_ids / masked_weights [...]. Gradients flow to h, E and bias.
+  """
+  chunks = tuple((int(s), int(e)) for s, e in chunks)
+  weights = masked_weights.astype(jnp.float32).reshape(-1)
+  loss_sum, correct = _nested_xent(chunks, h.reshape(-1, h.shape[-1]), embedding, bias,
+                                   masked_ids.astype(jnp.int32).reshape(-1), weights)
+  return {"loss_sum": loss_sum, "correct": correct, "count": jnp.sum(weights)}
