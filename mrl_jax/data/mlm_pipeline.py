@@ -111,16 +111,8 @@ class TextDataInfo:
 
 
 def _settings(cfg) -> dict[str, Any]:
-  given = dict(cfg.items()) if cfg is not None else {}
-  unknown = sorted(set(given) - set(DEFAULTS))
-  if unknown:
-    raise ConfigError(f"Unknown data config field(s) {unknown} for text data; known fields: "
-                      f"{sorted(DEFAULTS)} (see mrl_jax/data/mlm_pipeline.py).")
-  s = dict(DEFAULTS)
-  s.update(given)
-  if s["on_bad_example"] not in pipeline.ON_BAD_EXAMPLE:
-    raise ConfigError(f"data.on_bad_example={s['on_bad_example']!r}: use one of "
-                      f"{pipeline.ON_BAD_EXAMPLE}.")
+  s = pipeline.merged_settings(cfg, DEFAULTS, kind=" for text data",
+                               module="mrl_jax/data/mlm_pipeline.py")
   seq_len = s["seq_len"]
   if isinstance(seq_len, bool) or int(seq_len) != seq_len or seq_len < 3:
     raise ConfigError(f"data.seq_len={seq_len!r}: need an int >= 3 ([CLS], a token, [SEP]).")

@@ -147,16 +147,23 @@ def process_layout() -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
-def _settings(cfg) -> dict[str, Any]:
+def merged_settings(cfg, defaults: dict[str, Any], *, kind: str = "",
+                    module: str = "mrl_jax/data/pipeline.py") -> dict[str, Any]:
+  """`defaults` updated with config.data's fields; an unknown field or an unknown
+  on_bad_example is a ConfigError (the image and text pipelines share this)."""
   given = dict(cfg.items()) if cfg is not None else {}
-  unknown = sorted(set(given) - set(DEFAULTS))
+  unknown = sorted(set(given) - set(defaults))
   if unknown:
-    raise ConfigError(f"Unknown data config field(s) {unknown}; known fields: "
-                      f"{sorted(DEFAULTS)} (see mrl_jax/data/pipeline.py).")
-  s = dict(DEFAULTS)
-  s.update({k: v for k, v in given.items()})
+    raise ConfigError(f"Unknown data config field(s) {unknown}{kind}; known fields: "
+                      f"{sorted(defaults)} (see {module}).")
+  s = {**defaults, **given}
   if s["on_bad_example"] not in ON_BAD_EXAMPLE:
     raise ConfigError(f"data.on_bad_example={s['on_bad_example']!r}: use one of {ON_BAD_EXAMPLE}.")
+  return s
+
+
+def _settings(cfg) -> dict[str, Any]:
+  s = merged_settings(cfg, DEFAULTS)
   if s["train_augment"] not in TRAIN_AUGMENTS:
     raise ConfigError(f"data.train_augment={s['train_augment']!r}: use one of {TRAIN_AUGMENTS}.")
   lo, hi = s["crop_scale"]

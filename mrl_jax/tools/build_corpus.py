@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from mrl_jax.data import label_corpus
 
@@ -82,19 +82,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (label_corpus.BadRowError, ValueError, FileNotFoundError) as e:
     print(f"build_corpus: error: {e}", file=sys.stderr)
     return 1
+  print_build_report(builder, args.name, args.version, _summary)
+  return 0
+
+
+def print_build_report(builder, name: str, version: str,
+                       summary: Callable[[dict], list[str]]) -> bool:
+  """Built (or found already built) and, from bad_rows.json, per split what was
+  written and skipped (build_corpus and build_text_corpus print the same way);
+  False when the corpus has no bad_rows.json."""
   if not builder.report:
-    print(f"{args.name} {args.version} was already prepared in {builder.data_path} "
+    print(f"{name} {version} was already prepared in {builder.data_path} "
           f"(--overwrite rebuilds it); from its build:")
   else:
-    print(f"Built {args.name} {args.version} into {builder.data_path}:")
+    print(f"Built {name} {version} into {builder.data_path}:")
   try:
     report = label_corpus.read_report(builder.data_path)
   except FileNotFoundError:
     print(f"  (no {label_corpus.REPORT_FILE} there)")
-    return 0
-  for line in _summary(report):
+    return False
+  for line in summary(report):
     print("  " + line)
-  return 0
+  return True
 
 
 if __name__ == "__main__":

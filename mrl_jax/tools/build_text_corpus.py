@@ -32,6 +32,7 @@ from typing import Sequence
 from mrl_jax.data import label_corpus
 from mrl_jax.data import text_corpus
 from mrl_jax.errors import UserError
+from mrl_jax.tools.build_corpus import print_build_report
 
 SPLITS = ("train", "validation", "test")
 
@@ -90,18 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (UserError, ValueError) as e:  # check_name's ValueError is the user's too.
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
-  if not builder.report:
-    print(f"{args.name} {args.version} was already prepared in {builder.data_path} "
-          f"(--overwrite rebuilds it); from its build:")
-  else:
-    print(f"Built {args.name} {args.version} into {builder.data_path}:")
-  try:
-    report = label_corpus.read_report(builder.data_path)
-  except FileNotFoundError:
-    print(f"  (no {label_corpus.REPORT_FILE} there)")
+  if not print_build_report(builder, args.name, args.version, summary_lines):
     return 0
-  for line in summary_lines(report):
-    print("  " + line)
   tokenizer_dir = text_corpus.corpus_tokenizer_dir(builder.data_path)
   if tokenizer_dir.exists():
     print(f"  tokenizer: {tokenizer_dir}")
