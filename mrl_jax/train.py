@@ -274,6 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              "dataset": config.data.name,
              "train_seconds_this_run": round(time.time() - start_time, 1)}
   summary["evaluators"] = run_evaluators(state, step)
+  summary.update(task.evaluator_summary(config, dims, summary["evaluators"]))
   writer.write_json("summary.json", summary)
   writer.console(task.format_table(config, dims, result))
   writer.close()

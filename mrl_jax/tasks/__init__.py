@@ -13,6 +13,7 @@ from mrl_jax.tasks.base import Task
 TASKS = {
     "classification": "mrl_jax.tasks.classification:ClassificationTask",
     "mlm": "mrl_jax.tasks.mlm:MaskedLMTask",
+    "contrastive": "mrl_jax.tasks.contrastive:ContrastiveTask",
 }
 
 

@@ -11,6 +11,9 @@ before tasks existed keep their meaning):
     head, softmax or sigmoid cross-entropy per prefix size.
   * "mlm" (`tasks/mlm.py`): token ids -> BERT -> nested tied MLM decoder,
     masked-LM cross-entropy per prefix size.
+  * "contrastive" (`tasks/contrastive.py`): image-text pairs -> an image tower
+    and a text tower (ALIGN / CLIP / SigLIP style) -> the nested contrastive
+    loss, every prefix of both embeddings normalised on its own.
 
 Conventions shared by every task:
   * `DataInfo` is the task's own description of its data (a frozen dataclass);
@@ -177,6 +180,13 @@ class Task(abc.ABC):
   def format_table(self, config: ml_collections.ConfigDict, dims: tuple[int, ...],
                    result: dict[str, Any]) -> str:
     """The final console table, one row per size."""
+
+  def evaluator_summary(self, config: ml_collections.ConfigDict, dims: tuple[int, ...],
+                        metrics: dict[str, float]) -> dict[str, Any]:
+    """Top-level summary.json keys made from the final evaluators' flat metrics (e.g. a
+    dual encoder's {"zero_shot_top1": {"<dim>": float}}); they stay under "evaluators"
+    too. Default: none."""
+    return {}
 
   def report_fields(self, config: ml_collections.ConfigDict, info: Any) -> dict[str, Any]:
     """Task keys of compile_check's report (e.g. the class count)."""
