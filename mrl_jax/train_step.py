@@ -10,6 +10,7 @@ for memory is exactly what trains.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -23,6 +24,20 @@ from mrl_jax import sharding
 from mrl_jax.nesting import Nesting
 from mrl_jax.tasks.base import Task
 from mrl_jax.train_state import StateSpec
+
+
+def _under_mesh(mesh: Mesh, step: Callable) -> Callable:
+  """`step`, traced with `mesh` as the context mesh, so a task's collectives find it.
+
+  `jax.sharding.get_abstract_mesh()` inside a loss (e.g. the sharded
+  `losses.nested_contrastive_loss`) then returns this mesh. `jax.set_mesh` is
+  refused inside `jax.jit`; the abstract mesh is what tracing needs.
+  """
+  @functools.wraps(step)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return step(*args)
+  return traced
 
 
 def make_train_step(task: Task, config: ml_collections.ConfigDict, nesting: Nesting,
@@ -81,7 +96,8 @@ def make_train_step(task: Task, config: ml_collections.ConfigDict, nesting: Nest
                "finite": finite}
     return new_state, metrics
 
-  return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+  return jax.jit(_under_mesh(mesh, train_step),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
@@ -94,9 +110,9 @@ def make_eval_step(task: Task, config: ml_collections.ConfigDict, nesting: Nesti
     model = nnx.merge(graphdef, params, model_state, copy=True)
     return task.eval_sums(config, model, batch, nesting)
 
-  return jax.jit(eval_step, in_shardings=(state_shardings["params"],
-                                          state_shardings["model_state"],
-                                          sharding.batch_sharding(mesh)),
+  return jax.jit(_under_mesh(mesh, eval_step),
+                 in_shardings=(state_shardings["params"], state_shardings["model_state"],
+                               sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 
 
@@ -113,7 +129,7 @@ def make_embed_step(task: Task, config: ml_collections.ConfigDict, spec: StateSp
     model = nnx.merge(graphdef, params, model_state, copy=True)
     return task.embed(config, model, batch)
 
-  return jax.jit(embed_step, in_shardings=(state_shardings["params"],
-                                           state_shardings["model_state"],
-                                           sharding.batch_sharding(mesh)),
+  return jax.jit(_under_mesh(mesh, embed_step),
+                 in_shardings=(state_shardings["params"], state_shardings["model_state"],
+                               sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
