@@ -1,0 +1,81 @@
+"""Zero-shot classification of a dual encoder at every nesting size (CLIP's protocol).
+
+Each class is described by prompts, every class name in every template ("a photo
+of {}."); the text tower embeds all of them: `class_text_z` [C, T, d]. The
+classifier at prefix size m is, per class, the mean over its T templates of the
+prompts' prefixes z[:m], each unit-normalised on its own, renormalised to unit
+length ([C, m]). An image is assigned the class whose classifier row has the
+largest inner product with the image's own unit-normalised prefix; ties go to
+the class listed first.
+
+Scores are float32 (full-precision matmuls, `Precision.HIGHEST`), computed one
+block of images at a time so [N, C] never has to fit at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mrl_jax.evaluation.knn import l2_normalize
+
+# Images per block: about this many scores ([block, C] float32) exist at once.
+MAX_BLOCK_SCORES = 1 << 24
+
+
+def classifier_weights(class_text_z: np.ndarray, dim: int) -> np.ndarray:
+  """The unit-norm zero-shot classifier [C, dim] of prefix size `dim` (module doc).
+
+  class_text_z: prompt embeddings [C, T, d] (raw, as the text tower returns them)
+  or [C, d] (one template).
+  """
+  z = np.asarray(class_text_z, np.float32)
+  if z.ndim == 2:
+    z = z[:, None, :]
+  if z.ndim != 3:
+    raise ValueError(f"class_text_z must be [C, T, d] or [C, d], got shape {z.shape}.")
+  if not 0 < dim <= z.shape[-1]:
+    raise ValueError(f"dim={dim} must be in [1, {z.shape[-1]}] (the embedding's width).")
+  prompts = l2_normalize(jnp.asarray(z[..., :dim]))
+  return np.asarray(l2_normalize(jnp.mean(prompts, axis=1)))
+
+
+@jax.jit
+def _block_predictions(images: jax.Array, weights: jax.Array) -> jax.Array:
+  scores = jnp.matmul(l2_normalize(images), weights.T, precision=jax.lax.Precision.HIGHEST)
+  return jnp.argmax(scores, axis=1)  # The first maximum: ties go to the lower class id.
+
+
+def zero_shot_predictions(image_z: np.ndarray, weights: np.ndarray) -> np.ndarray:
+  """Predicted class ids [N] of the images' prefixes z[:m] against a [C, m] classifier."""
+  image_z = np.asarray(image_z, np.float32)
+  weights = np.asarray(weights, np.float32)
+  m = weights.shape[1]
+  if image_z.ndim != 2 or image_z.shape[1] < m:
+    raise ValueError(f"image_z must be [N, >= {m}], got shape {image_z.shape}.")
+  block = max(1, min(len(image_z), MAX_BLOCK_SCORES // max(len(weights), 1)))
+  out = []
+  w = jnp.asarray(weights)
+  for start in range(0, len(image_z), block):
+    chunk = image_z[start:start + block, :m]
+    real = len(chunk)
+    if real < block:  # One compiled shape: pad the last block.
+      chunk = np.concatenate([chunk, np.zeros((block - real, m), np.float32)])
+    out.append(np.asarray(_block_predictions(jnp.asarray(chunk), w))[:real])
+  return np.concatenate(out) if out else np.zeros((0,), np.int32)
+
+
+def zero_shot_top1(image_z: np.ndarray, labels: np.ndarray, class_text_z: np.ndarray,
+                   dims: Sequence[int]) -> np.ndarray:
+  """Zero-shot top-1 accuracy [len(dims)] float32: per size m, images' unit prefixes
+  against the template-averaged classifier of `classifier_weights(class_text_z, m)`."""
+  labels = np.asarray(labels)
+  if len(labels) != len(image_z):
+    raise ValueError(f"{len(labels)} labels for {len(image_z)} images.")
+  if not len(labels):
+    raise ValueError("No images to classify.")
+  return np.asarray([np.mean(zero_shot_predictions(image_z, classifier_weights(class_text_z, m))
+                             == labels) for m in dims], np.float32)
