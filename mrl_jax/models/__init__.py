@@ -73,6 +73,9 @@ def _encoder_entry(cfg: ml_collections.ConfigDict):
   if cfg.name == "bert":  # models/bert.py: token ids, not images; trained by the mlm task
     raise ConfigError("config.model.name='bert' is a text encoder, not an image classifier's: "
                       "set config.task='mlm' (see configs/bert_mlm.py).")
+  if cfg.name == "dual_encoder":  # models/dual_encoder.py: image-text pairs, trained contrastively
+    raise ConfigError("config.model.name='dual_encoder' is an image-text model, not an image "
+                      "classifier's: set config.task='contrastive' (see configs/align.py).")
   if cfg.name not in ENCODERS:
     raise ConfigError(f"config.model.name={cfg.name!r} is unknown: use one of {sorted(ENCODERS)}.")
   return ENCODERS[cfg.name]
