@@ -8,6 +8,12 @@ config.optimizer fields:
   decay_norms_and_biases: False (the recipes' choice) skips every parameter with
     fewer than 2 dims, i.e. norm scales/offsets and biases.
   grad_clip_norm: clip the global gradient norm to this value (0 = off).
+config.freeze (top level, any task): regexes (re.search) over parameter paths in
+  `sharding.path_to_str` form, e.g. ("^image/",) locks a dual encoder's image
+  tower (LiT). Frozen parameters get no optimizer state at all (optax's
+  multi_transform gives them set_to_zero, whose state is an empty MaskedNode),
+  no weight decay and a zero update; the train step also stops their gradient
+  and keeps them (and BatchNorm statistics under them) bit for bit.
 config.schedule fields:
   name: "cosine" | "linear" | "step" | "constant", after `warmup_steps` of linear
     warm-up from 0; `end_lr_fraction` (cosine/linear floor), `step_boundaries`
@@ -16,12 +22,15 @@ config.schedule fields:
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import optax
 
+from mrl_jax import sharding
 from mrl_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw", "lars", "lamb", "adafactor")
@@ -57,12 +66,59 @@ def decay_mask(params: Any, decay_norms_and_biases: bool) -> Any:
   return jax.tree.map(lambda p: decay_norms_and_biases or p.ndim >= 2, params)
 
 
-def build_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
-                    params: Any) -> optax.GradientTransformation:
-  """The optax chain for `cfg` (clipping -> optimizer with masked weight decay)."""
+def is_frozen(name: str, patterns: Sequence[str]) -> bool:
+  """Whether the parameter path `name` ("image/blocks/0/...") matches a freeze pattern."""
+  return any(re.search(p, name) for p in patterns)
+
+
+def frozen_mask(params: Any, patterns: Sequence[str]) -> Any:
+  """True at every leaf of `params` whose path matches one of `patterns` (config.freeze)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: is_frozen(sharding.path_to_str(path), patterns), params)
+
+
+def check_freeze_patterns(params: Any, patterns: Sequence[str]) -> None:
+  """A ConfigError for a pattern that is no regex or matches no parameter of `params`."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+  names = [sharding.path_to_str(path) for path, _ in leaves]
+  for pattern in patterns:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f"config.freeze pattern {pattern!r} is not a regular expression "
+                        f"({e}): fix it.") from e
+    if not any(re.search(pattern, n) for n in names):
+      examples = ", ".join(repr(n) for n in names[:3])
+      raise ConfigError(f"config.freeze pattern {pattern!r} matches no parameter (paths look "
+                        f"like {examples}, ...): fix or drop it.")
+
+
+def build_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule, params: Any, *,
+                    frozen: Sequence[str] = ()) -> optax.GradientTransformation:
+  """The optax chain for `cfg` (clipping -> optimizer with masked weight decay); parameters
+  matching a `frozen` pattern get a zero update and no optimizer state.
+
+  `params` (the parameter tree, kept for callers) is not needed: the masks are
+  functions of the tree the optimizer is initialised and updated with.
+  """
+  del params
+  tx = _build_chain(cfg, schedule)
+  if not frozen:
+    return tx  # the opt_state layout of runs (and checkpoints) without config.freeze
+  patterns = tuple(frozen)
+  labels = lambda p: jax.tree.map(lambda f: "frozen" if f else "trained",
+                                  frozen_mask(p, patterns))
+  return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _build_chain(cfg: ml_collections.ConfigDict,
+                 schedule: optax.Schedule) -> optax.GradientTransformation:
   name = cfg.get("name", "sgd")
   wd = float(cfg.get("weight_decay", 0.0))
-  mask = decay_mask(params, bool(cfg.get("decay_norms_and_biases", False)))
+  decay_all = bool(cfg.get("decay_norms_and_biases", False))
+  # A function of the params it is given: under multi_transform the frozen leaves
+  # arrive as empty MaskedNodes, which a mask tree built beforehand would not match.
+  mask = lambda p: decay_mask(p, decay_all)
   if name == "sgd":
     tx = optax.chain(
         optax.add_decayed_weights(wd, mask) if wd else optax.identity(),
