@@ -2,7 +2,8 @@
 
 State = {"step", "params", "model_state" (BatchNorm statistics), "opt_state"},
 built from the config and a model factory (the task's, see mrl_jax/experiment.py)
-so any of them can create or restore it on any mesh.
+so any of them can create or restore it on any mesh. Parameters matching
+config.freeze have no opt_state leaves (`optim.build_optimizer`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class StateSpec:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   total_steps: int
+  # config.freeze: paths (`sharding.path_to_str`) of the frozen parameters, and of
+  # the BatchNorm statistics under a frozen path; the train step keeps both as they are.
+  frozen_params: frozenset[str] = frozenset()
+  frozen_stats: frozenset[str] = frozenset()
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
@@ -42,17 +47,29 @@ def state_spec(config: ml_collections.ConfigDict, make_model: Callable[[], nnx.M
                num_train_examples: int) -> StateSpec:
   """The state of `make_model()` (called traced: nothing is allocated until `init` runs)
   with config.optimizer over config.schedule for the run's total steps."""
-  graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
+  graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
   steps = total_steps(config, num_train_examples)
   schedule = optim.build_schedule(config.schedule, config.lr, steps)
-  tx = optim.build_optimizer(config.optimizer, schedule, abstract_params)
+  freeze = tuple(config.get("freeze") or ())
+  optim.check_freeze_patterns(abstract_params, freeze)
+  tx = optim.build_optimizer(config.optimizer, schedule, abstract_params, frozen=freeze)
 
   def init() -> dict[str, Any]:
     _, params, model_state = nnx.split(make_model(), nnx.Param, ...)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
             "opt_state": tx.init(params)}
 
-  return StateSpec(graphdef, init, jax.eval_shape(init), tx, schedule, steps)
+  return StateSpec(graphdef, init, jax.eval_shape(init), tx, schedule, steps,
+                   frozen_params=_frozen_names(abstract_params, freeze),
+                   frozen_stats=_frozen_names(abstract_rest, freeze, nnx.BatchStat))
+
+
+def _frozen_names(state: Any, patterns: Sequence[str], kind: type = nnx.Variable) -> frozenset:
+  """Paths of the `kind` variables of an NNX state that match a freeze pattern."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  names = (sharding.path_to_str(path) for path, leaf in leaves if isinstance(leaf, kind))
+  return frozenset(name for name in names if optim.is_frozen(name, patterns))
 
 
 def state_shardings(config: ml_collections.ConfigDict, abstract: Any, mesh,

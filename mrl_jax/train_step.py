@@ -40,6 +40,22 @@ def _under_mesh(mesh: Mesh, step: Callable) -> Callable:
   return traced
 
 
+def _map_named(fn: Callable, tree: Any, names: frozenset[str]) -> Any:
+  """`tree` with `fn` applied to the leaves whose `sharding.path_to_str` path is in `names`."""
+  if not names:
+    return tree
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: fn(x) if sharding.path_to_str(path) in names else x, tree)
+
+
+def _keep_named(new: Any, old: Any, names: frozenset[str]) -> Any:
+  """`new` with the leaves named in `names` taken from `old` (same tree structure)."""
+  if not names:
+    return new
+  return jax.tree_util.tree_map_with_path(
+      lambda path, n, o: o if sharding.path_to_str(path) in names else n, new, old)
+
+
 def make_train_step(task: Task, config: ml_collections.ConfigDict, nesting: Nesting,
                     spec: StateSpec, mesh: Mesh, state_shardings: Any) -> Callable:
   """jit(state, batch) -> (new state, replicated metrics); the state is donated.
@@ -51,6 +67,9 @@ def make_train_step(task: Task, config: ml_collections.ConfigDict, nesting: Nest
   accum = int(config.get("grad_accum_steps", 1))
 
   def loss_and_aux(params, model_state, batch):
+    # config.freeze: no gradient flows into frozen parameters, so XLA drops the
+    # backward pass that would only feed them (e.g. all of a locked tower's).
+    params = _map_named(jax.lax.stop_gradient, params, spec.frozen_params)
     model = nnx.merge(graphdef, params, model_state, copy=True)
     loss, metrics = task.loss(config, model, batch, nesting, train=True)
     _, _, new_model_state = nnx.split(model, nnx.Param, ...)
@@ -87,8 +106,11 @@ def make_train_step(task: Task, config: ml_collections.ConfigDict, nesting: Nest
     # dropped (the step counter still advances past the batch) and `finite`
     # tells the loop, which stops or counts the skip (config.on_nonfinite).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updated = {"params": optax.apply_updates(params, updates), "model_state": model_state,
-               "opt_state": opt_state}
+    # Frozen parameters (and BatchNorm statistics under them) are carried over bit for
+    # bit, not updated by zero (which would turn a -0.0 into 0.0).
+    new_params = _keep_named(optax.apply_updates(params, updates), params, spec.frozen_params)
+    model_state = _keep_named(model_state, state["model_state"], spec.frozen_stats)
+    updated = {"params": new_params, "model_state": model_state, "opt_state": opt_state}
     kept = {k: state[k] for k in updated}
     new_state = {"step": state["step"] + 1,
                  **jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)}
