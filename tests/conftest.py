@@ -23,6 +23,15 @@ def text_demo_data_dir(tmp_path_factory) -> str:
   return data_dir
 
 
+@pytest.fixture(scope="session")
+def image_text_demo_data_dir(tmp_path_factory) -> str:
+  """A TFDS data_dir holding `mrl_digit_captions` and its tokenizer, built once (about 5 s)."""
+  from mrl_jax.data import sources
+  data_dir = str(tmp_path_factory.mktemp("tfds_captions"))
+  sources.open_source("mrl_digit_captions", "train", data_dir)
+  return data_dir
+
+
 def subprocess_env(num_devices: int = 1) -> dict[str, str]:
   """Environment for a child `python -m mrl_jax.main` with `num_devices` CPU devices."""
   env = dict(os.environ)

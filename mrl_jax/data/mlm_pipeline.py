@@ -142,21 +142,9 @@ def _load_tokenizer_cached(path: str, mtime: float | None) -> tokenizer_lib.Text
 
 def _tokenizer_file(s: dict[str, Any]) -> str:
   """The file of the tokenizer `s` names (the corpus's own when tokenizer is None)."""
-  if s["tokenizer"] is not None:
-    path = os.fspath(s["tokenizer"])
-    if os.path.isdir(path):
-      return tokenizer_lib.resolve_tokenizer_file(path)
-    return path
   from mrl_jax.data import text_corpus  # pylint: disable=g-import-not-at-top
-  _, info = sources.open_source(s["name"], s["train_split"], s["data_dir"])
-  folder = text_corpus.corpus_tokenizer_dir(info.data_dir)
-  candidate = folder / tokenizer_lib.TOKENIZER_FILE
-  if not candidate.exists():
-    raise ConfigError(
-        f"data.tokenizer is None, but dataset {s['name']!r} has no tokenizer of its own "
-        f"(no {candidate}): set --config.data.tokenizer=<vocab.txt or tokenizer.json>, or "
-        f"rebuild the corpus with python -m mrl_jax.tools.build_text_corpus (which trains one).")
-  return os.fspath(candidate)
+  return text_corpus.data_tokenizer_file(s["tokenizer"], name=s["name"],
+                                         split=s["train_split"], data_dir=s["data_dir"])
 
 
 def _tokenizer(s: dict[str, Any]) -> tokenizer_lib.TextTokenizer:

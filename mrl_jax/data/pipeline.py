@@ -164,6 +164,13 @@ def merged_settings(cfg, defaults: dict[str, Any], *, kind: str = "",
 
 def _settings(cfg) -> dict[str, Any]:
   s = merged_settings(cfg, DEFAULTS)
+  check_image_settings(s)
+  return s
+
+
+def check_image_settings(s: dict[str, Any]) -> None:
+  """ConfigError naming the field if an image setting of merged `s` is out of range
+  (the image-text pipeline checks its image fields with this too)."""
   if s["train_augment"] not in TRAIN_AUGMENTS:
     raise ConfigError(f"data.train_augment={s['train_augment']!r}: use one of {TRAIN_AUGMENTS}.")
   lo, hi = s["crop_scale"]
@@ -182,7 +189,6 @@ def _settings(cfg) -> dict[str, Any]:
   for key in ("worker_count", "read_threads", "prefetch", "mock_examples"):
     if int(s[key]) < 0:
       raise ConfigError(f"data.{key}={s[key]}: must be >= 0.")
-  return s
 
 
 @dataclasses.dataclass(frozen=True)

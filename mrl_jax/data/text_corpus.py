@@ -97,6 +97,34 @@ def corpus_tokenizer_dir(builder_dir: epath.PathLike) -> epath.Path:
   return epath.Path(builder_dir) / TOKENIZER_DIR
 
 
+def data_tokenizer_file(tokenizer: epath.PathLike | None, *, name: str, split: str,
+                        data_dir: str | None,
+                        build_tool: str = "mrl_jax.tools.build_text_corpus") -> str:
+  """The tokenizer file a data config names: `tokenizer` (a vocab.txt, a
+  tokenizer.json or a folder of one), or, when None, the corpus's own one
+  (`corpus_tokenizer_dir`), which the text and image-text pipelines share.
+
+  Raises ConfigError when None and the corpus has none; `build_tool` is the
+  module named in that message as the one that builds corpora with one.
+  """
+  from mrl_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from mrl_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from mrl_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  if tokenizer is not None:
+    path = os.fspath(tokenizer)
+    if os.path.isdir(path):
+      return tokenizer_lib.resolve_tokenizer_file(path)
+    return path
+  _, info = sources.open_source(name, split, data_dir)
+  candidate = corpus_tokenizer_dir(info.data_dir) / tokenizer_lib.TOKENIZER_FILE
+  if not candidate.exists():
+    raise ConfigError(
+        f"data.tokenizer is None, but dataset {name!r} has no tokenizer of its own "
+        f"(no {candidate}): set --config.data.tokenizer=<vocab.txt or tokenizer.json>, or "
+        f"rebuild the corpus with python -m {build_tool} (which trains one).")
+  return os.fspath(candidate)
+
+
 def _label_text(value: Any) -> str:
   if isinstance(value, bool) or not isinstance(value, (str, int)):
     raise _BadRow("bad_label", f"label {value!r} is a {type(value).__name__}, not a string "
