@@ -435,3 +435,45 @@ def test_unlabelled_corpus_gives_label_minus_one_and_no_classes(tiny):
   assert (info.num_eval_images, info.num_eval_captions) == (5, 9)
   (batch,) = list(pairs.make_pair_eval_batches(cfg, global_batch_size=8))
   assert (batch["label"] == -1).all() and batch["mask"].tolist() == [1] * 5 + [0] * 3
+
+
+def _faulty_source(monkeypatch, data_dir):
+  """Split "faulty" of the tiny corpus: example 2 has an empty caption, example 4 a
+  one-channel image (what a hand-made or damaged dataset can hold)."""
+  real, info = sources.open_source("tiny_pairs", "train", data_dir)
+  examples = [dict(real[i]) for i in range(len(real))]
+  examples[2]["captions"] = [b"  "]
+  bad_colours = {tuple(examples[2]["image"][0, 0]), tuple(examples[4]["image"][0, 0])}
+  examples[4]["image"] = examples[4]["image"][..., :1]  # One channel, not RGB.
+  faulty = sources.InMemorySource(examples, "faulty")
+  original = sources.open_source
+
+  def open_source(name, split, data_dir=None, **kw):
+    if split == "faulty":
+      return faulty, info
+    return original(name, split, data_dir, **kw)
+  monkeypatch.setattr(sources, "open_source", open_source)
+  return bad_colours
+
+
+def test_bad_examples_stop_with_their_index_or_are_skipped(tiny, monkeypatch):
+  from mrl_jax.data import pipeline
+  bad_colours = _faulty_source(monkeypatch, tiny)
+  stop = _tiny_cfg(tiny, train_split="faulty", eval_split="faulty")
+  with pytest.raises(pipeline.DataError, match=r"tiny_pairs/faulty example [24]"):
+    _take(pairs.make_pair_train_iterator(stop, global_batch_size=4, seed=0), 2)
+  with pytest.raises(pipeline.DataError, match=r"example 2: caption 0 is empty"):
+    list(pairs.make_caption_eval_batches(stop, global_batch_size=4))
+
+  skip = _tiny_cfg(tiny, train_split="faulty", eval_split="faulty", on_bad_example="skip")
+  it = pairs.make_pair_train_iterator(skip, global_batch_size=4, seed=0)
+  for batch in _take(it, 6):
+    colours = {tuple(np.round((im[0, 0] * 0.5 + 0.5) * 255).astype(np.uint8)) for im in batch["image"]}
+    assert not colours & bad_colours
+  assert pipeline.data_metrics(it)["data/skipped_examples"] == 2 * 4  # Twice per epoch, 4 epochs.
+  (batch,) = list(pairs.make_pair_eval_batches(skip, global_batch_size=8))
+  assert batch["mask"].tolist() == [1, 1, 0, 1, 0, 1, 0, 0]
+  assert batch["image_index"].tolist() == [0, 1, -1, 3, -1, 5, -1, -1]
+  captions = list(pairs.make_caption_eval_batches(skip, global_batch_size=16))
+  index = np.concatenate([b["image_index"][b["mask"] == 1] for b in captions])
+  assert not set(index.tolist()) & {2, 4} and set(index.tolist()) == {0, 1, 3, 5}

@@ -192,7 +192,8 @@ class _Spec:
   eval_size: int
 
 
-def _spec(s: dict[str, Any], split: str, info) -> _Spec:
+def _spec(s: dict[str, Any], split: str, info, *, sized: bool = True) -> _Spec:
+  """The split's _Spec; `sized=False` leaves the batch image sizes 0 (listing captions)."""
   features = info.features
   for key in (s["image_key"], s["captions_key"]):
     if key not in features:
@@ -209,7 +210,7 @@ def _spec(s: dict[str, Any], split: str, info) -> _Spec:
       raise ConfigError(f"data.{key}={tuple(s[key])} has {len(s[key])} entries but "
                         f"{s['name']!r} images have {channels} channel(s): give 1 or {channels}.")
   stored_hw = (shape[0], shape[1])
-  train_size = s["image_size"]
+  train_size = s["image_size"] if sized else 0
   if train_size is None:
     if None in stored_hw or stored_hw[0] != stored_hw[1]:
       raise ConfigError(f"data.image_size is None, but {s['name']!r} images are "
@@ -227,10 +228,10 @@ def _spec(s: dict[str, Any], split: str, info) -> _Spec:
                train_size=int(train_size), eval_size=int(eval_size))
 
 
-def _open(s: dict[str, Any], split: str):
+def _open(s: dict[str, Any], split: str, *, sized: bool = True):
   source, info = sources.open_source(s["name"], split, s["data_dir"],
                                      mock_examples=int(s["mock_examples"]))
-  return source, _spec(s, split, info), info
+  return source, _spec(s, split, info, sized=sized), info
 
 
 def _load(source, index: int, spec: _Spec) -> tuple[np.ndarray, tuple[str, ...], int]:
@@ -363,7 +364,7 @@ def _split_captions_cached(name: str, split: str, data_dir: str | None, mode: st
   s = dict(DEFAULTS, name=name, data_dir=data_dir, on_bad_example=mode,
            mock_examples=mock_examples, image_key=keys[0], captions_key=keys[1],
            label_key=keys[2])
-  source, spec, _ = _open(s, split)
+  source, spec, _ = _open(s, split, sized=False)
   index, texts, good = [], [], np.zeros(len(source), bool)
   for i in range(len(source)):
     try:
@@ -386,7 +387,7 @@ def split_captions(data_cfg, split: str | None = None) -> SplitCaptions:
 
 
 def _captions_of(s: dict[str, Any], split: str) -> SplitCaptions:
-  _, _, info = _open(s, split)
+  _, _, info = _open(s, split, sized=False)
   return _split_captions_cached(s["name"], split, s["data_dir"], s["on_bad_example"],
                                 int(s["mock_examples"]),
                                 (s["image_key"], s["captions_key"], s["label_key"]),
