@@ -5,7 +5,6 @@ coverage, process shares)."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 
@@ -468,7 +467,8 @@ def test_bad_examples_stop_with_their_index_or_are_skipped(tiny, monkeypatch):
   skip = _tiny_cfg(tiny, train_split="faulty", eval_split="faulty", on_bad_example="skip")
   it = pairs.make_pair_train_iterator(skip, global_batch_size=4, seed=0)
   for batch in _take(it, 6):
-    colours = {tuple(np.round((im[0, 0] * 0.5 + 0.5) * 255).astype(np.uint8)) for im in batch["image"]}
+    colours = {tuple(np.round((im[0, 0] * 0.5 + 0.5) * 255).astype(np.uint8))
+               for im in batch["image"]}
     assert not colours & bad_colours
   assert pipeline.data_metrics(it)["data/skipped_examples"] == 2 * 4  # Twice per epoch, 4 epochs.
   (batch,) = list(pairs.make_pair_eval_batches(skip, global_batch_size=8))

@@ -94,6 +94,8 @@ DEFAULT_VERSION = "1.0.0"
 DEFAULT_TOKENIZER_VOCAB_SIZE = 8000
 
 _BadRow = label_corpus._BadRow  # pylint: disable=protected-access
+_absolute = label_corpus._absolute  # pylint: disable=protected-access
+_resolve = label_corpus._resolve  # pylint: disable=protected-access
 
 
 class ImageTextCorpusError(UserError, ValueError):
@@ -150,9 +152,9 @@ def expand_inputs(items: str | epath.PathLike | Sequence[str | epath.PathLike]) 
       matches = sorted(glob.glob(text))
       if not matches:
         raise ImageTextFileNotFoundError(f"No file matches {text!r}: check the pattern.")
-      files.extend(label_corpus._absolute(m) for m in matches)  # pylint: disable=protected-access
+      files.extend(_absolute(m) for m in matches)
     else:
-      files.append(label_corpus._absolute(text))  # pylint: disable=protected-access
+      files.append(_absolute(text))
   return files
 
 
@@ -222,7 +224,7 @@ class ImageTextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           f"given (pass a tokenizer, or build without one: --tokenizer_vocab_size=0).")
     self.name = name
     self.VERSION = tfds.core.Version(version)  # pylint: disable=invalid-name
-    self._inputs = {split: [label_corpus._absolute(p) for p in paths]  # pylint: disable=protected-access
+    self._inputs = {split: [_absolute(p) for p in paths]
                     for split, paths in inputs.items()}
     self._on_bad_row = on_bad_row
     self._description = description
@@ -331,17 +333,17 @@ class ImageTextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if not path_text:
           raise _BadRow("missing_file", "the image path is empty")
         if path_text not in file_ok:
-          file_ok[path_text] = label_corpus._resolve(manifest, path_text).is_file()  # pylint: disable=protected-access
+          file_ok[path_text] = _resolve(manifest, path_text).is_file()
         if not file_ok[path_text]:
           raise _BadRow("missing_file",
-                        f"no file at {label_corpus._resolve(manifest, path_text)}")  # pylint: disable=protected-access
+                        f"no file at {_resolve(manifest, path_text)}")
       except _BadRow as bad:
         self._bad(report, where, f"line {number}", number, line, bad)
         continue
       rows.setdefault(path_text, []).append((number, caption, line))
     # Pass 2: one decode per image.
     for path_text, image_rows in rows.items():
-      path = label_corpus._resolve(manifest, path_text)  # pylint: disable=protected-access
+      path = _resolve(manifest, path_text)
       try:
         image = _decode_image(path.read_bytes(), os.fspath(path))
       except _BadRow as bad:
@@ -504,7 +506,7 @@ def build_image_text_corpus(name: str, *, data_dir: epath.PathLike | None = None
   return builder
 
 
-def split_captions(builder_dir: epath.PathLike, split: str) -> int | None:
+def recorded_caption_count(builder_dir: epath.PathLike, split: str) -> int | None:
   """Captions of `split` as recorded at build time (None: not recorded)."""
   try:
     report = label_corpus.read_report(builder_dir)

@@ -63,6 +63,11 @@ Evaluation, one pass in stored order, padded to whole global batches:
   label -1, a zero image and all-[PAD] tokens with attention 0.
 The captions of an eval split are listed once per process (that reads the
 split's records once) and kept in memory with their tokens.
+
+Speed (demo, 32x32, batch 256, one thread, 2-core CPU with other jobs running,
+load average 7): 122 ms per training batch, about 2,100 pairs/s; per example
+the crop and normalisation take ~77 us, tokenizing the caption ~27 us.
+worker_count=2 gives the same batches as 0 (measured).
 """
 
 from __future__ import annotations
@@ -112,6 +117,9 @@ DEFAULTS: dict[str, Any] = dict(
     on_bad_example="stop",
 )
 _BUILD_TOOL = "mrl_jax.tools.build_image_text_corpus"
+# The image pipeline's bad-example handling, shared (one message and log policy).
+_BadExample = pipeline._BadExample  # pylint: disable=protected-access
+_note_bad = pipeline._note_bad  # pylint: disable=protected-access
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +249,7 @@ def _load(source, index: int, spec: _Spec) -> tuple[np.ndarray, tuple[str, ...],
     record = source[index]
   except Exception as e:  # pylint: disable=broad-except
     detail = " ".join(str(e).split())
-    raise pipeline._BadExample(  # pylint: disable=protected-access
+    raise _BadExample(
         f"{where} cannot be read or decoded ({type(e).__name__}: {detail}).") from e
   image = np.asarray(record[spec.image_key])
   if image.ndim == 2:
@@ -249,29 +257,33 @@ def _load(source, index: int, spec: _Spec) -> tuple[np.ndarray, tuple[str, ...],
   hw_ok = all(d is None or d == a for d, a in zip(spec.stored_hw, image.shape[:2]))
   if image.ndim != 3 or image.shape[-1] != spec.channels or not hw_ok or image.dtype != np.uint8:
     expected = [d if d is not None else "*" for d in spec.stored_hw] + [spec.channels]
-    raise pipeline._BadExample(  # pylint: disable=protected-access
+    raise _BadExample(
         f"{where}: image {spec.image_key!r} is {image.dtype} {list(image.shape)}, "
         f"expected uint8 {expected}.")
   raw = record[spec.captions_key]
-  values = [raw] if isinstance(raw, (str, bytes)) else list(np.asarray(raw, dtype=object).reshape(-1))
+  if isinstance(raw, (str, bytes)):
+    values = [raw]
+  else:
+    values = list(np.asarray(raw, dtype=object).reshape(-1))
   captions = []
   for j, value in enumerate(values):
     if isinstance(value, bytes):
       try:
         value = value.decode("utf-8")
       except UnicodeDecodeError as e:
-        raise pipeline._BadExample(  # pylint: disable=protected-access
-            f"{where}: caption {j} is not UTF-8 (byte 0x{value[e.start]:02x} at {e.start}).") from None
+        raise _BadExample(
+            f"{where}: caption {j} is not UTF-8 (byte 0x{value[e.start]:02x} at "
+            f"{e.start}).") from None
     if not isinstance(value, str) or not value.strip():
-      raise pipeline._BadExample(f"{where}: caption {j} is empty.")  # pylint: disable=protected-access
+      raise _BadExample(f"{where}: caption {j} is empty.")
     captions.append(value)
   if not captions:
-    raise pipeline._BadExample(f"{where}: the image has no caption.")  # pylint: disable=protected-access
+    raise _BadExample(f"{where}: the image has no caption.")
   label = -1
   if spec.label_key is not None:
     label = int(np.asarray(record[spec.label_key]).reshape(-1)[0])
     if not 0 <= label < spec.num_classes:
-      raise pipeline._BadExample(  # pylint: disable=protected-access
+      raise _BadExample(
           f"{where}: label {label} is out of range [0, {spec.num_classes}).")
   return image, tuple(captions), label
 
@@ -297,8 +309,8 @@ class _TrainReader:
         index = self._order[epoch * self._n + (offset + skipped) % self._n]
       try:
         image, captions, _ = _load(self._source, int(index), self._spec)
-      except pipeline._BadExample as e:  # pylint: disable=protected-access
-        pipeline._note_bad(e, self._spec, index, self._mode)  # pylint: disable=protected-access
+      except _BadExample as e:
+        _note_bad(e, self._spec, index, self._mode)  # pylint: disable=protected-access
         last = e
         continue
       rng = np.random.default_rng((self._seed, epoch, int(index)))
@@ -369,8 +381,8 @@ def _split_captions_cached(name: str, split: str, data_dir: str | None, mode: st
   for i in range(len(source)):
     try:
       _, captions, _ = _load(source, i, spec)
-    except pipeline._BadExample as e:  # pylint: disable=protected-access
-      pipeline._note_bad(e, spec, i, mode)  # pylint: disable=protected-access
+    except _BadExample as e:
+      _note_bad(e, spec, i, mode)  # pylint: disable=protected-access
       continue
     good[i] = True
     index.extend([i] * len(captions))
@@ -413,7 +425,7 @@ def image_text_dataset_info(data_cfg) -> ImageTextDataInfo:
                       f"--config.data.vocab_size={tokenizer.vocab_size} or leave it unset.")
   num_captions = None
   if not int(s["mock_examples"]):
-    num_captions = image_text_corpus.split_captions(info.data_dir, s["eval_split"])
+    num_captions = image_text_corpus.recorded_caption_count(info.data_dir, s["eval_split"])
   if num_captions is None:
     num_captions = len(_captions_of(s, s["eval_split"]).texts)
   return ImageTextDataInfo(
@@ -470,8 +482,8 @@ def make_pair_eval_batches(data_cfg, *, global_batch_size: int, split: str | Non
     if i < n:
       try:
         image, captions, label = _load(source, i, spec)
-      except pipeline._BadExample as e:  # pylint: disable=protected-access
-        pipeline._note_bad(e, spec, i, mode)  # pylint: disable=protected-access
+      except _BadExample as e:
+        _note_bad(e, spec, i, mode)  # pylint: disable=protected-access
       else:
         tokens = tokenize_texts(tokenizer, captions[:1], seq_len)
         return dict({k: v[0] for k, v in tokens.items()},
