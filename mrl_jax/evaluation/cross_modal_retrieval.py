@@ -19,60 +19,52 @@ of a query's first relevant candidate in that order is computed exactly
 
 Cost. The full N x T similarity matrix is never built (5k x 25k for COCO's
 test split): queries go in blocks of about MAX_BLOCK_SCORES scores, each block
-one full-precision matmul (`Precision.HIGHEST`) against all candidates.
+one float32 matmul against all candidates (numpy, i.e. BLAS sgemm: full float32
+precision, no reduced-precision passes, and nothing to compile per shape, where
+a jitted version spent longer compiling one block shape per size than scoring).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax.evaluation.knn import l2_normalize
+from mrl_jax.evaluation.zero_shot import unit_rows
 
 DIRECTIONS = ("image_to_text", "text_to_image")
 # Queries per block: about this many float32 scores ([block, candidates]) exist at once.
 MAX_BLOCK_SCORES = 1 << 24
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@jax.jit
-def _image_block_ranks(images: jax.Array, image_ids: jax.Array, texts: jax.Array,
-                       text_image: jax.Array) -> jax.Array:
+def _image_block_ranks(images: np.ndarray, image_ids: np.ndarray, texts: np.ndarray,
+                       text_image: np.ndarray) -> np.ndarray:
   """Rank of each image's best-ranked own caption (-1: the image has none)."""
-  scores = jnp.matmul(images, texts.T, precision=_HIGHEST)              # [Q, T]
+  scores = images @ texts.T                                             # [Q, T]
   own = text_image[None, :] == image_ids[:, None]
-  best = jnp.max(jnp.where(own, scores, -jnp.inf), axis=1)
-  positions = jnp.arange(texts.shape[0])
+  best = np.max(np.where(own, scores, -np.inf), axis=1)[:, None]
+  positions = np.arange(texts.shape[0])
   # Among own captions tied at the best score, the lowest index ranks first.
-  first = jnp.min(jnp.where(own & (scores == best[:, None]), positions, texts.shape[0]), axis=1)
-  ahead = (scores > best[:, None]) | ((scores == best[:, None]) & (positions < first[:, None]))
-  return jnp.where(jnp.any(own, axis=1), jnp.sum(ahead, axis=1), -1)
+  first = np.min(np.where(own & (scores == best), positions, texts.shape[0]), axis=1)[:, None]
+  ahead = np.count_nonzero(scores > best, axis=1) + np.count_nonzero(
+      (scores == best) & (positions < first), axis=1)
+  return np.where(own.any(axis=1), ahead, -1)
 
 
-@jax.jit
-def _text_block_ranks(texts: jax.Array, own_image: jax.Array, images: jax.Array) -> jax.Array:
+def _text_block_ranks(texts: np.ndarray, own_image: np.ndarray,
+                      images: np.ndarray) -> np.ndarray:
   """Rank of each caption's own image among all images."""
-  scores = jnp.matmul(texts, images.T, precision=_HIGHEST)              # [Q, N]
-  own = jnp.take_along_axis(scores, own_image[:, None], axis=1)
-  positions = jnp.arange(images.shape[0])
-  ahead = (scores > own) | ((scores == own) & (positions[None, :] < own_image[:, None]))
-  return jnp.sum(ahead, axis=1)
+  scores = texts @ images.T                                             # [Q, N]
+  own = np.take_along_axis(scores, own_image[:, None], axis=1)
+  positions = np.arange(images.shape[0])
+  return np.count_nonzero(scores > own, axis=1) + np.count_nonzero(
+      (scores == own) & (positions[None, :] < own_image[:, None]), axis=1)
 
 
 def _blocks(n: int, candidates: int):
   block = max(1, min(n, MAX_BLOCK_SCORES // max(candidates, 1)))
   for start in range(0, n, block):
     yield start, block
-
-
-def _padded(x: np.ndarray, rows: int, fill=0) -> np.ndarray:
-  if len(x) == rows:
-    return x
-  pad = np.full((rows - len(x), *x.shape[1:]), fill, x.dtype)
-  return np.concatenate([x, pad])
 
 
 def _check(image_z: np.ndarray, text_z: np.ndarray, text_image: np.ndarray) -> None:
@@ -92,33 +84,25 @@ def image_to_text_ranks(image_z: np.ndarray, text_z: np.ndarray,
   an own caption is the nearest text); -1 for images without captions. Vectors
   are used as given (normalise them first for cosine similarity)."""
   image_z, text_z = np.asarray(image_z, np.float32), np.asarray(text_z, np.float32)
-  text_image = np.asarray(text_image, np.int32)
+  text_image = np.asarray(text_image, np.int64)
   _check(image_z, text_z, text_image)
-  texts, owners = jnp.asarray(text_z), jnp.asarray(text_image)
-  out = []
-  for start, block in _blocks(len(image_z), len(text_z)):
-    chunk = image_z[start:start + block]
-    real = len(chunk)
-    ids = _padded(np.arange(start, start + real, dtype=np.int32), block, -1)
-    out.append(np.asarray(_image_block_ranks(jnp.asarray(_padded(chunk, block)),
-                                             jnp.asarray(ids), texts, owners))[:real])
-  return np.concatenate(out) if out else np.zeros((0,), np.int32)
+  out = [_image_block_ranks(image_z[start:start + block],
+                            np.arange(start, min(start + block, len(image_z))), text_z,
+                            text_image)
+         for start, block in _blocks(len(image_z), len(text_z))]
+  return np.concatenate(out).astype(np.int64) if out else np.zeros((0,), np.int64)
 
 
 def text_to_image_ranks(image_z: np.ndarray, text_z: np.ndarray,
                         text_image: np.ndarray) -> np.ndarray:
   """int [T]: for each caption, how many images rank before its own image."""
   image_z, text_z = np.asarray(image_z, np.float32), np.asarray(text_z, np.float32)
-  text_image = np.asarray(text_image, np.int32)
+  text_image = np.asarray(text_image, np.int64)
   _check(image_z, text_z, text_image)
-  images = jnp.asarray(image_z)
-  out = []
-  for start, block in _blocks(len(text_z), len(image_z)):
-    chunk, owners = text_z[start:start + block], text_image[start:start + block]
-    real = len(chunk)
-    out.append(np.asarray(_text_block_ranks(jnp.asarray(_padded(chunk, block)),
-                                            jnp.asarray(_padded(owners, block)), images))[:real])
-  return np.concatenate(out) if out else np.zeros((0,), np.int32)
+  out = [_text_block_ranks(text_z[start:start + block], text_image[start:start + block],
+                           image_z)
+         for start, block in _blocks(len(text_z), len(image_z))]
+  return np.concatenate(out).astype(np.int64) if out else np.zeros((0,), np.int64)
 
 
 def recall_at_k(image_z: np.ndarray, text_z: np.ndarray, text_image: np.ndarray,
@@ -139,8 +123,7 @@ def recall_at_k(image_z: np.ndarray, text_z: np.ndarray, text_image: np.ndarray,
       raise ValueError(f"k={k!r} must be a positive integer.")
   out: dict[str, dict[int, list[float]]] = {d: {int(k): [] for k in ks} for d in DIRECTIONS}
   for m in dims:
-    images = np.asarray(l2_normalize(jnp.asarray(image_z[:, :m])))
-    texts = np.asarray(l2_normalize(jnp.asarray(text_z[:, :m])))
+    images, texts = unit_rows(image_z[:, :m]), unit_rows(text_z[:, :m])
     i2t = image_to_text_ranks(images, texts, text_image)
     i2t = i2t[i2t >= 0]  # Images with captions only.
     t2i = text_to_image_ranks(images, texts, text_image)

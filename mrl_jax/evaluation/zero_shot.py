@@ -8,22 +8,25 @@ length ([C, m]). An image is assigned the class whose classifier row has the
 largest inner product with the image's own unit-normalised prefix; ties go to
 the class listed first.
 
-Scores are float32 (full-precision matmuls, `Precision.HIGHEST`), computed one
-block of images at a time so [N, C] never has to fit at once.
+Scores are float32 (numpy matmuls: BLAS sgemm, full float32 precision, nothing
+to compile per size), computed one block of images at a time so [N, C] never
+has to fit at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-from mrl_jax.evaluation.knn import l2_normalize
 
 # Images per block: about this many scores ([block, C] float32) exist at once.
 MAX_BLOCK_SCORES = 1 << 24
+
+
+def prompt_texts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+  """Every class name in every template ("{}" marks the name), class-major:
+  [c0 t0, c0 t1, ..., c1 t0, ...], so the embeddings reshape to [C, T, d]."""
+  return [t.replace("{}", name) for name in class_names for t in templates]
 
 
 def classifier_weights(class_text_z: np.ndarray, dim: int) -> np.ndarray:
@@ -39,14 +42,13 @@ def classifier_weights(class_text_z: np.ndarray, dim: int) -> np.ndarray:
     raise ValueError(f"class_text_z must be [C, T, d] or [C, d], got shape {z.shape}.")
   if not 0 < dim <= z.shape[-1]:
     raise ValueError(f"dim={dim} must be in [1, {z.shape[-1]}] (the embedding's width).")
-  prompts = l2_normalize(jnp.asarray(z[..., :dim]))
-  return np.asarray(l2_normalize(jnp.mean(prompts, axis=1)))
+  return unit_rows(np.mean(unit_rows(z[..., :dim]), axis=1))
 
 
-@jax.jit
-def _block_predictions(images: jax.Array, weights: jax.Array) -> jax.Array:
-  scores = jnp.matmul(l2_normalize(images), weights.T, precision=jax.lax.Precision.HIGHEST)
-  return jnp.argmax(scores, axis=1)  # The first maximum: ties go to the lower class id.
+def unit_rows(x: np.ndarray) -> np.ndarray:
+  """Vectors (last axis) scaled to unit L2 norm, float32; a zero vector stays zero."""
+  x = np.asarray(x, np.float32)
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
 
 
 def zero_shot_predictions(image_z: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -57,15 +59,10 @@ def zero_shot_predictions(image_z: np.ndarray, weights: np.ndarray) -> np.ndarra
   if image_z.ndim != 2 or image_z.shape[1] < m:
     raise ValueError(f"image_z must be [N, >= {m}], got shape {image_z.shape}.")
   block = max(1, min(len(image_z), MAX_BLOCK_SCORES // max(len(weights), 1)))
-  out = []
-  w = jnp.asarray(weights)
-  for start in range(0, len(image_z), block):
-    chunk = image_z[start:start + block, :m]
-    real = len(chunk)
-    if real < block:  # One compiled shape: pad the last block.
-      chunk = np.concatenate([chunk, np.zeros((block - real, m), np.float32)])
-    out.append(np.asarray(_block_predictions(jnp.asarray(chunk), w))[:real])
-  return np.concatenate(out) if out else np.zeros((0,), np.int32)
+  # argmax takes the first maximum: ties go to the lower class id.
+  out = [np.argmax(unit_rows(image_z[start:start + block, :m]) @ weights.T, axis=1)
+         for start in range(0, len(image_z), block)]
+  return np.concatenate(out) if out else np.zeros((0,), np.int64)
 
 
 def zero_shot_top1(image_z: np.ndarray, labels: np.ndarray, class_text_z: np.ndarray,
