@@ -477,3 +477,33 @@ def test_bad_examples_stop_with_their_index_or_are_skipped(tiny, monkeypatch):
   captions = list(pairs.make_caption_eval_batches(skip, global_batch_size=16))
   index = np.concatenate([b["image_index"][b["mask"] == 1] for b in captions])
   assert not set(index.tolist()) & {2, 4} and set(index.tolist()) == {0, 1, 3, 5}
+
+
+def test_a_given_tokenizer_is_stored_instead_of_training_one(tiny, tmp_path):
+  from mrl_jax.data import tokenizer as tokenizer_lib
+  folder = tmp_path / "in"
+  _write_images(str(folder), 1)
+  (folder / "train.tsv").write_text("img0.png\tzero red\n")
+  given = os.path.join(tiny, "tiny_pairs", "1.0.0", "tokenizer")
+  builder = image_text_corpus.build_image_text_corpus(
+      "given_tokenizer", data_dir=str(tmp_path / "tfds"),
+      manifests={"train": str(folder / "train.tsv")}, tokenizer=given)
+  stored = tokenizer_lib.load_tokenizer(os.path.join(builder.data_path, "tokenizer"))
+  assert stored.vocab() == tokenizer_lib.load_tokenizer(given).vocab()
+  cfg = ml_collections.ConfigDict(dict(name="given_tokenizer", data_dir=str(tmp_path / "tfds"),
+                                       image_size=8, eval_split="train"))
+  assert pairs.load_caption_tokenizer(cfg).vocab() == stored.vocab()
+
+
+def test_a_corpus_without_tokenizer_asks_for_one_in_one_line(tmp_path):
+  folder = tmp_path / "in"
+  _write_images(str(folder), 1)
+  (folder / "train.tsv").write_text("img0.png\tzero red\n")
+  image_text_corpus.build_image_text_corpus(
+      "no_tokenizer", data_dir=str(tmp_path / "tfds"),
+      manifests={"train": str(folder / "train.tsv")}, tokenizer_vocab_size=0)
+  cfg = ml_collections.ConfigDict(dict(name="no_tokenizer", data_dir=str(tmp_path / "tfds")))
+  with pytest.raises(ConfigError) as e:
+    pairs.load_caption_tokenizer(cfg)
+  assert "\n" not in str(e.value) and "data.tokenizer" in str(e.value)
+  assert "mrl_jax.tools.build_image_text_corpus" in str(e.value)
