@@ -192,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      "training starts from scratch.")
       train_iter = task.train_iterator(config)
     state = exp.init_state()
-    if (config.get("init_from") or {}).get("workdir"):
+    if init_from.requested(config.get("init_from")):  # a workdir, or one per tower
       state = init_from.load_pretrained(state, config.init_from, log=writer.console)
     first_step = 0
   else:
