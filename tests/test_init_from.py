@@ -78,13 +78,13 @@ def random_like(abstract, seed):
   return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape).astype(x.dtype)), abstract)
 
 
-def write_random_workdir(config, workdir, seed):
+def write_random_workdir(config, workdir, seed, info=None):
   """A workdir as training leaves it (config.json, a checkpoint, the task's files), its
-  parameters and statistics random."""
+  parameters and statistics random; `info`: the task's DataInfo (default: the dataset's)."""
   import json
   from mrl_jax import experiment
   from mrl_jax.checkpointing import Checkpointer
-  exp = experiment.build(config)
+  exp = experiment.build(config, info=info)
   params = random_like(exp.spec.abstract["params"], seed)
   state = {"step": jnp.ones((), jnp.int32), "params": params,
            "model_state": random_like(exp.spec.abstract["model_state"], seed + 100),
