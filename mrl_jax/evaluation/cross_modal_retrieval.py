@@ -12,16 +12,23 @@ any number of captions. Images with no caption have nothing to find and are
 left out of image -> text recall.
 
 Ties. Candidates are ordered by score (descending), then by index (ascending):
-among candidates with exactly equal float32 scores the lower-numbered one ranks
-first, so results do not depend on the block layout or the device. The rank
-of a query's first relevant candidate in that order is computed exactly
-(count of candidates ordered before it), so every k comes from one pass.
+among candidates with exactly equal scores the lower-numbered one ranks first.
+The rank of a query's first relevant candidate in that order is computed
+exactly (the count of candidates ordered before it), so every k comes from one
+pass.
+
+Precision. Each prefix is unit-normalised in float32 (as served), and the
+scores are float64 products of those float32 vectors (numpy, BLAS dgemm). In
+float32 the last bit of a score depends on the BLAS kernel's blocking and even
+on the arrays' memory alignment (measured: the same vectors in another copy
+moved 8 of 1,000 image->text ranks of a trained model); in float64 such
+differences are ~1e-16, far below the gaps between real scores, so in practice
+a ranking depends on the vectors alone. numpy also compiles nothing per shape, where a jitted version
+spent longer compiling one block shape per size than scoring.
 
 Cost. The full N x T similarity matrix is never built (5k x 25k for COCO's
 test split): queries go in blocks of about MAX_BLOCK_SCORES scores, each block
-one float32 matmul against all candidates (numpy, i.e. BLAS sgemm: full float32
-precision, no reduced-precision passes, and nothing to compile per shape, where
-a jitted version spent longer compiling one block shape per size than scoring).
+one matmul against all candidates.
 """
 
 from __future__ import annotations
@@ -33,14 +40,14 @@ import numpy as np
 from mrl_jax.evaluation.zero_shot import unit_rows
 
 DIRECTIONS = ("image_to_text", "text_to_image")
-# Queries per block: about this many float32 scores ([block, candidates]) exist at once.
-MAX_BLOCK_SCORES = 1 << 24
+# Queries per block: about this many float64 scores ([block, candidates]) exist at once.
+MAX_BLOCK_SCORES = 1 << 23
 
 
 def _image_block_ranks(images: np.ndarray, image_ids: np.ndarray, texts: np.ndarray,
                        text_image: np.ndarray) -> np.ndarray:
   """Rank of each image's best-ranked own caption (-1: the image has none)."""
-  scores = images @ texts.T                                             # [Q, T]
+  scores = images @ texts.T                                             # [Q, T] float64
   own = text_image[None, :] == image_ids[:, None]
   best = np.max(np.where(own, scores, -np.inf), axis=1)[:, None]
   positions = np.arange(texts.shape[0])
@@ -54,7 +61,7 @@ def _image_block_ranks(images: np.ndarray, image_ids: np.ndarray, texts: np.ndar
 def _text_block_ranks(texts: np.ndarray, own_image: np.ndarray,
                       images: np.ndarray) -> np.ndarray:
   """Rank of each caption's own image among all images."""
-  scores = texts @ images.T                                             # [Q, N]
+  scores = texts @ images.T                                             # [Q, N] float64
   own = np.take_along_axis(scores, own_image[:, None], axis=1)
   positions = np.arange(images.shape[0])
   return np.count_nonzero(scores > own, axis=1) + np.count_nonzero(
@@ -86,6 +93,7 @@ def image_to_text_ranks(image_z: np.ndarray, text_z: np.ndarray,
   image_z, text_z = np.asarray(image_z, np.float32), np.asarray(text_z, np.float32)
   text_image = np.asarray(text_image, np.int64)
   _check(image_z, text_z, text_image)
+  image_z, text_z = image_z.astype(np.float64), text_z.astype(np.float64)  # exact copies
   out = [_image_block_ranks(image_z[start:start + block],
                             np.arange(start, min(start + block, len(image_z))), text_z,
                             text_image)
@@ -99,6 +107,7 @@ def text_to_image_ranks(image_z: np.ndarray, text_z: np.ndarray,
   image_z, text_z = np.asarray(image_z, np.float32), np.asarray(text_z, np.float32)
   text_image = np.asarray(text_image, np.int64)
   _check(image_z, text_z, text_image)
+  image_z, text_z = image_z.astype(np.float64), text_z.astype(np.float64)  # exact copies
   out = [_text_block_ranks(text_z[start:start + block], text_image[start:start + block],
                            image_z)
          for start, block in _blocks(len(text_z), len(image_z))]

@@ -8,9 +8,10 @@ length ([C, m]). An image is assigned the class whose classifier row has the
 largest inner product with the image's own unit-normalised prefix; ties go to
 the class listed first.
 
-Scores are float32 (numpy matmuls: BLAS sgemm, full float32 precision, nothing
-to compile per size), computed one block of images at a time so [N, C] never
-has to fit at once.
+The prefixes are normalised in float32 (as served) and scored in float64
+(numpy; see cross_modal_retrieval.py for why: a float32 BLAS score's last bit
+depends on blocking and memory alignment, which would let near-ties flip between
+runs), one block of images at a time so [N, C] never has to fit at once.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# Images per block: about this many scores ([block, C] float32) exist at once.
-MAX_BLOCK_SCORES = 1 << 24
+# Images per block: about this many scores ([block, C] float64) exist at once.
+MAX_BLOCK_SCORES = 1 << 23
 
 
 def prompt_texts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -60,8 +61,9 @@ def zero_shot_predictions(image_z: np.ndarray, weights: np.ndarray) -> np.ndarra
     raise ValueError(f"image_z must be [N, >= {m}], got shape {image_z.shape}.")
   block = max(1, min(len(image_z), MAX_BLOCK_SCORES // max(len(weights), 1)))
   # argmax takes the first maximum: ties go to the lower class id.
-  out = [np.argmax(unit_rows(image_z[start:start + block, :m]) @ weights.T, axis=1)
-         for start in range(0, len(image_z), block)]
+  w = weights.astype(np.float64).T
+  out = [np.argmax(unit_rows(image_z[start:start + block, :m]).astype(np.float64) @ w,
+                   axis=1) for start in range(0, len(image_z), block)]
   return np.concatenate(out) if out else np.zeros((0,), np.int64)
 
 
