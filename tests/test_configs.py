@@ -66,6 +66,10 @@ def test_runlocal_trains_and_writes_a_summary(path, digits_data_dir, tmp_path, r
     config.data.data_dir = request.getfixturevalue("text_demo_data_dir")
     # The minute-long demo run, cut to a smoke run (tests/test_bert_mlm.py trains it).
     config.total_steps = 8
+  if config.data.name == "mrl_digit_captions":
+    config.data.data_dir = request.getfixturevalue("image_text_demo_data_dir")
+    # The minute-long demo run, cut to a smoke run (tests/test_align_train.py trains it).
+    config.total_steps = 8
   summary = train.train_and_evaluate(config, str(tmp_path))
   with open(tmp_path / "summary.json") as f:
     assert json.load(f)["dims"] == summary["dims"] == list(config.nesting.dims)
