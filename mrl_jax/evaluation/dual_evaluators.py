@@ -229,10 +229,10 @@ def image_data_config(config: ml_collections.ConfigDict, data: Any,
 
 def _open_corpus_split(config: ml_collections.ConfigDict, split: str, field: str) -> None:
   """Opens `split` of config.data's corpus now, not after training (one line if it is not there)."""
-  from mrl_jax.data import image_text_pipeline
+  from mrl_jax.data import sources
   try:
-    image_text_pipeline.image_text_dataset_info(
-        ml_collections.ConfigDict({**config.data.to_dict(), "eval_split": split}))
+    sources.open_source(config.data.name, split, config.data.get("data_dir"),
+                        mock_examples=int(config.data.get("mock_examples") or 0))
   except ValueError as e:
     if not str(e).startswith("Unknown split"):  # TFDS's message for a split it does not have
       raise
