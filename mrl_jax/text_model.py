@@ -34,7 +34,81 @@ from mrl_jax import sharding
 from mrl_jax.tasks import mlm
 
 
-class RestoredTextModel:
+class TokenInputs:
+  """Text or token arrays -> checked int32 arrays -> fixed-size global batches, for a
+  restored model that reads text (`RestoredTextModel`, `dual_model.RestoredDualEncoder`).
+
+  The model sets `workdir`, `vocab_size` (its embedding table's), `seq_len`,
+  `batch_size`, `_mesh` and `_tokenizer = None`; the tokenizer is
+  WORKDIR/tokenizer.json, checked against `vocab_size` on first use.
+  """
+
+  @property
+  def tokenizer(self) -> Any:
+    """WORKDIR/tokenizer.json (checked against the checkpoint's vocabulary on first use)."""
+    if self._tokenizer is None:
+      from mrl_jax.data import tokenizer as tokenizer_lib
+      if self.workdir is None:
+        raise mlm.TokenizerMismatchError(
+            "This model was not restored from a workdir: pass token-id arrays, not text.")
+      path = mlm.check_workdir_tokenizer(self.workdir, self.vocab_size)
+      self._tokenizer = tokenizer_lib.load_tokenizer(path)
+    return self._tokenizer
+
+  def encode(self, texts: Any) -> dict[str, np.ndarray]:
+    """{"input_ids", "token_type_ids", "attention_mask"} int32 [N, L] for any accepted input."""
+    if isinstance(texts, str):
+      raise TypeError("Give a list of texts, not one string (e.g. [text]).")
+    if isinstance(texts, Mapping):
+      return self._token_arrays(texts["input_ids"], texts.get("attention_mask"),
+                                texts.get("token_type_ids"))
+    if isinstance(texts, np.ndarray) or (isinstance(texts, Sequence) and texts
+                                         and not isinstance(texts[0], str)):
+      return self._token_arrays(texts)
+    return {k: np.asarray(v, np.int32)
+            for k, v in self.tokenizer.encode(list(texts), self.seq_len).items()
+            if k in ("input_ids", "token_type_ids", "attention_mask")}
+
+  def _pad_id(self) -> int:
+    if self._tokenizer is not None or (self.workdir and os.path.exists(
+        os.path.join(self.workdir, mlm.TOKENIZER_FILE))):
+      return int(self.tokenizer.pad_id)
+    return 0  # BERT vocabularies put [PAD] first.
+
+  def _token_arrays(self, input_ids, attention_mask=None, token_type_ids=None):
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"Token ids must be an integer array [N, L], got {ids.dtype} {ids.shape}.")
+    if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+      raise ValueError(f"Token ids must be in [0, {self.vocab_size}) (the model's vocabulary); "
+                       f"got values in [{ids.min()}, {ids.max()}].")
+    if attention_mask is None:
+      attention_mask = ids != self._pad_id()
+    if token_type_ids is None:
+      token_type_ids = np.zeros_like(ids)
+    out = {"input_ids": ids, "token_type_ids": np.asarray(token_type_ids),
+           "attention_mask": np.asarray(attention_mask)}
+    for k, v in out.items():
+      if v.shape != ids.shape:
+        raise ValueError(f"{k} has shape {v.shape}; input_ids has {ids.shape}.")
+    return {k: v.astype(np.int32) for k, v in out.items()}
+
+  def _batches(self, arrays: dict[str, np.ndarray]):
+    """(real rows, global batch) per batch of `batch_size` rows (a multiple of the devices)
+    of equally long arrays (token arrays, images)."""
+    dp = max(sharding.data_parallel_size(self._mesh), 1)
+    batch = max(self.batch_size - self.batch_size % dp, dp)
+    n = len(next(iter(arrays.values())))
+    for start in range(0, n, batch):
+      chunk = {k: v[start:start + batch] for k, v in arrays.items()}
+      real = len(next(iter(chunk.values())))
+      if real < batch:  # One compiled shape: pad the last batch.
+        chunk = {k: np.concatenate([v, np.zeros((batch - real, *v.shape[1:]), v.dtype)])
+                 for k, v in chunk.items()}
+      yield real, sharding.global_batch(chunk, self._mesh)
+
+
+class RestoredTextModel(TokenInputs):
   """A restored BERT with a nested tied MLM decoder: `embed_text`, `mlm_logits`, `mlm_sums`."""
 
   def __init__(self, experiment: Any, state: dict[str, Any], step: int, batch_size: int = 256):
@@ -92,70 +166,6 @@ class RestoredTextModel:
   @property
   def model_state(self) -> Any:
     return self._model_state
-
-  @property
-  def tokenizer(self) -> Any:
-    """WORKDIR/tokenizer.json (checked against the checkpoint's vocabulary on first use)."""
-    if self._tokenizer is None:
-      from mrl_jax.data import tokenizer as tokenizer_lib
-      if self.workdir is None:
-        raise mlm.TokenizerMismatchError(
-            "This model was not restored from a workdir: pass token-id arrays, not text.")
-      path = mlm.check_workdir_tokenizer(self.workdir, self.vocab_size)
-      self._tokenizer = tokenizer_lib.load_tokenizer(path)
-    return self._tokenizer
-
-  # ------------------------------------------------------------ inputs
-  def encode(self, texts: Any) -> dict[str, np.ndarray]:
-    """{"input_ids", "token_type_ids", "attention_mask"} int32 [N, L] for any accepted input."""
-    if isinstance(texts, str):
-      raise TypeError("Give a list of texts, not one string (e.g. [text]).")
-    if isinstance(texts, Mapping):
-      return self._token_arrays(texts["input_ids"], texts.get("attention_mask"),
-                                texts.get("token_type_ids"))
-    if isinstance(texts, np.ndarray) or (isinstance(texts, Sequence) and texts
-                                         and not isinstance(texts[0], str)):
-      return self._token_arrays(texts)
-    return {k: np.asarray(v, np.int32)
-            for k, v in self.tokenizer.encode(list(texts), self.seq_len).items()
-            if k in ("input_ids", "token_type_ids", "attention_mask")}
-
-  def _pad_id(self) -> int:
-    if self._tokenizer is not None or (self.workdir and os.path.exists(
-        os.path.join(self.workdir, mlm.TOKENIZER_FILE))):
-      return int(self.tokenizer.pad_id)
-    return 0  # BERT vocabularies put [PAD] first.
-
-  def _token_arrays(self, input_ids, attention_mask=None, token_type_ids=None):
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-      raise ValueError(f"Token ids must be an integer array [N, L], got {ids.dtype} {ids.shape}.")
-    if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-      raise ValueError(f"Token ids must be in [0, {self.vocab_size}) (the model's vocabulary); "
-                       f"got values in [{ids.min()}, {ids.max()}].")
-    if attention_mask is None:
-      attention_mask = ids != self._pad_id()
-    if token_type_ids is None:
-      token_type_ids = np.zeros_like(ids)
-    out = {"input_ids": ids, "token_type_ids": np.asarray(token_type_ids),
-           "attention_mask": np.asarray(attention_mask)}
-    for k, v in out.items():
-      if v.shape != ids.shape:
-        raise ValueError(f"{k} has shape {v.shape}; input_ids has {ids.shape}.")
-    return {k: v.astype(np.int32) for k, v in out.items()}
-
-  def _batches(self, arrays: dict[str, np.ndarray]):
-    """(real rows, global batch) per batch of `batch_size` rows (a multiple of the devices)."""
-    dp = max(sharding.data_parallel_size(self._mesh), 1)
-    batch = max(self.batch_size - self.batch_size % dp, dp)
-    n = len(next(iter(arrays.values())))
-    for start in range(0, n, batch):
-      chunk = {k: v[start:start + batch] for k, v in arrays.items()}
-      real = len(chunk["input_ids"])
-      if real < batch:  # One compiled shape: pad the last batch.
-        chunk = {k: np.concatenate([v, np.zeros((batch - real, *v.shape[1:]), v.dtype)])
-                 for k, v in chunk.items()}
-      yield real, sharding.global_batch(chunk, self._mesh)
 
   # ------------------------------------------------------------ outputs
   def embed_text(self, texts: Any, dim: int | None = None, normalize: bool = True,
