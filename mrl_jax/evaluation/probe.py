@@ -8,7 +8,9 @@ same-run baselines: SVD truncation of the full embedding and random feature
 subsets. Then adaptive classification (a cascade over sizes) and adaptive /
 funnel retrieval. Writes WORKDIR/probe/{summary.json, report.md, *.png}.
 A masked-LM workdir (config.task="mlm") is measured by `text_probe.py` instead
-(MLM accuracy, text retrieval and the Lee similarity correlation per size).
+(MLM accuracy, text retrieval and the Lee similarity correlation per size), a
+dual encoder (config.task="contrastive") by `dual_probe.py` (zero-shot top-1,
+image<->text recall@k and image k-NN per size).
 
 The paper's baselines truncate a model trained *without* MRL (SVD of the
 fixed-feature FF model's embedding, random features of it): set
@@ -69,7 +71,8 @@ DEFAULTS = settings_lib.DEFAULTS  # One source: mrl_jax/evaluation/probe_setting
 
 # Top-level config fields that probe mode takes from --config; every other field
 # describes the trained model or its training and comes from WORKDIR/config.json.
-PROBE_MODE_FIELDS = ("data", "probe")
+# (zero_shot and retrieval: a dual encoder's evaluation settings, dual_probe.py.)
+PROBE_MODE_FIELDS = ("data", "probe", "zero_shot", "retrieval")
 
 
 class ProbeOverrideError(ConfigError):
@@ -106,7 +109,8 @@ def check_overrides(overrides: dict[str, Any] | None, checkpoint_config: ml_coll
       raise ProbeOverrideError(
           f"--config.{path}={_plain(value)!r} cannot take effect in --mode=probe: the model "
           f"comes from {os.path.join(workdir, 'config.json')}, which {where}; probe mode takes "
-          "only --config.data.* and --config.probe.* (drop the flag, or train a workdir with it).")
+          "only --config.data.*, --config.probe.* (a dual encoder's also --config.zero_shot.* "
+          "and --config.retrieval.*): drop the flag, or train a workdir with it.")
 
 
 _MISSING = object()
@@ -243,6 +247,9 @@ def run_probe(workdir: str, config: ml_collections.ConfigDict | None = None,
   if checkpoint_config.get("task", "classification") == "mlm":
     from mrl_jax.evaluation import text_probe  # Text models: their own metrics (see there).
     return text_probe.run_text_probe(workdir, config, settings, log=log)
+  if checkpoint_config.get("task", "classification") == "contrastive":
+    from mrl_jax.evaluation import dual_probe  # Dual encoders: zero-shot, recall, k-NN.
+    return dual_probe.run_dual_probe(workdir, config, settings, log=log)
   data_info = pipeline.dataset_info(config.data)
   single_data = settings["data"]
   if single_data is not None:
