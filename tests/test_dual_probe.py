@@ -147,7 +147,7 @@ def test_probe_writes_every_size_and_the_baselines(trained, capsys):
   assert on_disk["dims"] == [8, 16, 32, 64] and on_disk["task"] == "contrastive"
   metrics = ["zero_shot_top1", "image_knn_top1"] + [
       f"{d}_recall@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
-  for prefix in ("", "baseline_svd_", "baseline_random_"):
+  for prefix in ("", "baseline_truncated_", "baseline_svd_", "baseline_random_"):
     for key in metrics:
       assert list(on_disk[prefix + key]) == DIMS, prefix + key
       assert all(0.0 <= v <= 1.0 for v in on_disk[prefix + key].values())
@@ -164,6 +164,9 @@ def test_probe_writes_every_size_and_the_baselines(trained, capsys):
     for kind in ("random", "svd"):
       assert on_disk[f"baseline_{kind}_{key}"]["64"] == pytest.approx(on_disk[key]["64"],
                                                                       abs=5e-3), (kind, key)
+    for m in DIMS:  # The baseline's first m dims: the run's own prefixes, re-embedded.
+      assert on_disk[f"baseline_truncated_{key}"][m] == pytest.approx(on_disk[key][m],
+                                                                      abs=1e-3), (key, m)
   # Image 1-NN against an independent exact search in float64.
   model = inference.load(workdir)
   from mrl_jax.data import image_text_pipeline
@@ -178,11 +181,11 @@ def test_probe_writes_every_size_and_the_baselines(trained, capsys):
   assert on_disk["image_knn_top1"]["8"] == pytest.approx(top1, abs=3e-3)
 
   report = open(os.path.join(workdir, "probe", "report.md")).read()
-  assert "| 64 |" in report and "random truncation" in report
+  assert "| 64 |" in report and "m random dims" in report
   for name in ("zero_shot.png", "recall.png", "knn.png"):
     assert os.path.getsize(os.path.join(workdir, "probe", name)) > 0
   out = capsys.readouterr().out
-  assert "MRL dual encoder (%):" in out and "baseline, svd truncation (%):" in out
+  assert "MRL dual encoder (%):" in out and "baseline, SVD to m dims (%):" in out
 
 
 @pytest.mark.slow

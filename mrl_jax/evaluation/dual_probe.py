@@ -24,15 +24,16 @@ The training evaluators and the probe embed through the same code
 (`dual_embedding.py`), the probe with the restored model's `embed_batch`.
 
 `config.probe.baseline_workdir` (a plain dual encoder, e.g. the same config with
-`--config.head=ff`) adds its truncations to every size the probe reports, the
-paper's baselines: `baseline_svd_*` (top-m directions of a basis fitted on the
-baseline's retrieval-split image AND caption embeddings, both modalities
+`--config.head=ff`) adds its truncations to every size the probe reports:
+`baseline_truncated_*` (its first m coordinates, as the nested model is cut),
+and the paper's baselines `baseline_svd_*` (top-m directions of a basis fitted
+on the baseline's retrieval-split image AND caption embeddings, both modalities
 projected on them) and `baseline_random_*` (one seeded subset of m coordinates,
 config.probe.seed, for both modalities); see `dual_baselines.py`.
 
 Writes WORKDIR/probe/summary.json: "dims", then per metric {"<dim>": value}:
 zero_shot_top1, image_to_text_recall@k, text_to_image_recall@k, image_knn_top1,
-baseline_{svd,random}_<same>; plus what was measured on ("zero_shot",
+baseline_{truncated,svd,random}_<same>; plus what was measured on ("zero_shot",
 "retrieval", "knn", "baseline"). And report.md (tables), zero_shot.png,
 recall.png, knn.png, and a console table. The model comes from the workdir;
 `--config` supplies config.data, config.probe, config.zero_shot and
@@ -64,6 +65,8 @@ from mrl_jax.evaluation.report import finish_plot  # noqa: E402
 
 Represent = Callable[[np.ndarray, int], np.ndarray]  # (embeddings [..., d], m) -> [..., m']
 PREFIX: Represent = lambda z, m: np.asarray(z)[..., :m]
+# A plain model's m-dim rows: its first m coordinates, then the two classic baselines.
+BASELINE_KINDS = ("truncated", *dual_baselines.KINDS)
 
 
 @dataclasses.dataclass
@@ -269,25 +272,25 @@ def run_dual_probe(workdir: str, config: ml_collections.ConfigDict,
                       "test_split": knn_data.test_split, "database": int(len(emb.knn_train[0])),
                       "queries": int(len(emb.knn_test[0]))}
   summary.update(score(emb, PREFIX, dims, ret.ks, model.embedding_dim))
-  log_rows(summary, "", log)
 
   if settings["baseline_workdir"]:
     base_dir = os.path.abspath(settings["baseline_workdir"])
     base = inference.load(base_dir)
     base.batch_size = batch_size
+    log(f"Baseline {base_dir} (step {base.step}, {base.config.head} head, sizes "
+        f"{list(base.dims)}): its truncations to every size.")
     _check_model_fits(base, info, config, base_dir)
     summary["baseline"] = {"workdir": base_dir, "head": base.config.head,
                            "dims": list(base.dims), "step": base.step,
                            "embedding_dim": int(base.embedding_dim),
                            "basis": f"{ret.split} images and captions"}
     base_emb = embed_all(base, zs, ret, knn_data, batch_size)
-    maps = dual_baselines.truncations(base_emb.image_z, base_emb.text_z,
-                                      [m for m in dims if m <= base.embedding_dim],
-                                      settings["seed"])
-    for kind in dual_baselines.KINDS:
+    maps = {"truncated": PREFIX, **dual_baselines.truncations(
+        base_emb.image_z, base_emb.text_z, [m for m in dims if m <= base.embedding_dim],
+        settings["seed"])}
+    for kind in BASELINE_KINDS:
       rows = score(base_emb, maps[kind], dims, ret.ks, base.embedding_dim)
       summary.update({f"baseline_{kind}_{k}": v for k, v in rows.items()})
-      log_rows(summary, f"baseline_{kind}_", log)
   summary["probe_seconds"] = round(time.time() - start, 1)
 
   out_dir = os.path.join(workdir, "probe")
@@ -318,17 +321,11 @@ def _cells(summary: dict[str, Any], columns, m: int) -> list[str]:
   return cells
 
 
-def log_rows(summary: dict[str, Any], prefix: str, log) -> None:
-  who = prefix.replace("_", " ")
-  for key, title in _columns(summary, prefix):
-    log(f"  {who}{title}: " + " ".join(f"@{m}:{v:.4f}" for m, v in summary[key].items()))
-
-
 def console_table(summary: dict[str, Any]) -> str:
   """Per size, the model's rows then each baseline's (percentages)."""
   lines = []
   for prefix, title in [("", "MRL dual encoder")] + [
-      (f"baseline_{k}_", f"baseline, {k} truncation") for k in dual_baselines.KINDS]:
+      (f"baseline_{k}_", f"baseline, {BASELINE_TITLES[k]}") for k in BASELINE_KINDS]:
     columns = _columns(summary, prefix)
     if not columns:
       continue
@@ -347,8 +344,10 @@ PLOTS = (("zero_shot.png", "zero-shot top-1", (("zero_shot_top1", ""),)),
          ("recall.png", "recall@1", (("image_to_text_recall@1", " i->t"),
                                      ("text_to_image_recall@1", " t->i"))),
          ("knn.png", "image 1-NN top-1", (("image_knn_top1", ""),)))
-WHO = (("", "MRL", "-"), ("baseline_svd_", "baseline SVD", "--"),
-       ("baseline_random_", "baseline random", ":"))
+WHO = (("", "MRL", "-"), ("baseline_truncated_", "baseline first m", "-."),
+       ("baseline_svd_", "baseline SVD", "--"), ("baseline_random_", "baseline random", ":"))
+BASELINE_TITLES = {"truncated": "its first m dims", "svd": "SVD to m dims",
+                   "random": "m random dims"}
 
 
 def _plot(summary: dict[str, Any], keys, ylabel: str, path: str) -> bool:
@@ -388,8 +387,8 @@ def write_dual_report(summary: dict[str, Any], out_dir: str) -> None:
   lines += ["Every prefix unit-normalised on its own. Percentages.", ""]
   for prefix, title in [("", "Per size: MRL")] + [
       (f"baseline_{k}_", f"Per size: baseline ({summary['baseline']['head']} head, "
-       f"`{summary['baseline']['workdir']}`), {k} truncation")
-      for k in dual_baselines.KINDS if "baseline" in summary]:
+       f"`{summary['baseline']['workdir']}`), {BASELINE_TITLES[k]}")
+      for k in BASELINE_KINDS if "baseline" in summary]:
     columns = _columns(summary, prefix)
     if not columns:
       continue
