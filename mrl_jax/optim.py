@@ -66,6 +66,12 @@ def decay_mask(params: Any, decay_norms_and_biases: bool) -> Any:
   return jax.tree.map(lambda p: decay_norms_and_biases or p.ndim >= 2, params)
 
 
+def freeze_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """config.freeze as a tuple of regexes (one string is one pattern, not its characters)."""
+  freeze = config.get("freeze") or ()
+  return (freeze,) if isinstance(freeze, str) else tuple(freeze)
+
+
 def is_frozen(name: str, patterns: Sequence[str]) -> bool:
   """Whether the parameter path `name` ("image/blocks/0/...") matches a freeze pattern."""
   return any(re.search(p, name) for p in patterns)

@@ -50,7 +50,7 @@ def state_spec(config: ml_collections.ConfigDict, make_model: Callable[[], nnx.M
   graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
   steps = total_steps(config, num_train_examples)
   schedule = optim.build_schedule(config.schedule, config.lr, steps)
-  freeze = tuple(config.get("freeze") or ())
+  freeze = optim.freeze_patterns(config)
   optim.check_freeze_patterns(abstract_params, freeze)
   tx = optim.build_optimizer(config.optimizer, schedule, abstract_params, frozen=freeze)
 

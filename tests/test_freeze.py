@@ -46,6 +46,12 @@ def test_frozen_mask_matches_paths():
                   "head/kernel": False, "head/bias": True}
 
 
+def test_one_string_is_one_pattern():
+  config = ml_collections.ConfigDict(dict(freeze="^image/"))
+  assert optim.freeze_patterns(config) == ("^image/",)
+  assert optim.freeze_patterns(ml_collections.ConfigDict()) == ()
+
+
 def test_a_pattern_matching_nothing_is_one_config_line():
   config = quickstart_config(None, freeze=("^image/",))
   with pytest.raises(ConfigError, match=r"'\^image/' matches no parameter") as e:

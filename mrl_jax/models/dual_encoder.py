@@ -295,4 +295,4 @@ def build_dual_encoder(config: ml_collections.ConfigDict, nesting: Nesting, *, i
                      embed_dim=config.model.get("embed_dim", 768),
                      pooling=text_cfg.get("pooling", "cls"), num_sizes=len(nesting.dims),
                      settings=contrastive_settings(config),
-                     freeze=tuple(config.get("freeze") or ()), dtype=dtype, rngs=rngs)
+                     freeze=optim.freeze_patterns(config), dtype=dtype, rngs=rngs)
