@@ -206,3 +206,13 @@ def test_joint_truncation_at_full_width_keeps_every_score():
   np.testing.assert_array_equal(maps["random"](zi, 8), zi.astype(np.float32))
   basis = dual_baselines.joint_svd_basis(zi, zt)
   np.testing.assert_allclose(basis @ basis.T, np.eye(8), atol=1e-12)
+
+
+def test_probe_mode_takes_the_dual_evaluation_settings_from_the_command_line(tmp_path):
+  """--config.zero_shot.* / --config.retrieval.* choose what the probe measures, not the
+  model: accepted even where they differ from the workdir's config (others are refused)."""
+  saved = ml_collections.ConfigDict(runlocal(str(tmp_path)).to_dict())
+  probe.check_overrides({"zero_shot.templates": ("a {}",), "retrieval.ks": (1, 2),
+                         "zero_shot.max_examples": 10}, saved, str(tmp_path))
+  with pytest.raises(probe.ProbeOverrideError, match="--config.model.embed_dim=32"):
+    probe.check_overrides({"model.embed_dim": 32}, saved, str(tmp_path))
