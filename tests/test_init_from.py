@@ -72,10 +72,17 @@ def test_a_different_encoder_is_refused_with_the_parameter_named(pretrained, dig
 
 # ------------------------------------------------------------ per tower (dual encoder)
 def random_like(abstract, seed):
-  """Every leaf of an abstract (float) state drawn N(0, 1) by numpy: instant, unlike a
+  """Every float leaf of an abstract state drawn N(0, 1) by numpy: instant, unlike a
   compiled init on CPU, and no two sources or fresh states share a value."""
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape).astype(x.dtype)), abstract)
+
+  def draw(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # dropout streams
+      return jax.random.split(jax.random.key(seed), int(np.prod(x.shape))).reshape(x.shape)
+    if not jnp.issubdtype(x.dtype, jnp.floating):  # e.g. their counters
+      return jnp.zeros(x.shape, x.dtype)
+    return jnp.asarray(rng.normal(size=x.shape).astype(x.dtype))
+  return jax.tree.map(draw, abstract)
 
 
 def write_random_workdir(config, workdir, seed, info=None):
@@ -196,3 +203,35 @@ def test_per_tower_init_from_is_requested_only_by_a_workdir():
   assert not init_from.requested(per_tower())
   assert init_from.requested(per_tower(text_run="/somewhere"))
   assert init_from.requested(ml_collections_dict(workdir="/somewhere", head=False))
+
+
+def test_a_vit_image_tower_gets_the_source_position_embedding_resized(tmp_path):
+  import ml_collections
+  from flax import nnx
+  from mrl_jax import init_from
+  from mrl_jax.models.dual_encoder import build_dual_encoder
+  from mrl_jax.nesting import Nesting
+  from mrl_jax.tasks.classification import ImageDataInfo
+  from test_train import quickstart_config
+  tower = dict(name="vit", variant=None, width=16, depth=1, num_heads=2, mlp_dim=32, patch=4,
+               pool="token")
+  source_cfg = quickstart_config(None, model=tower, **{"nesting.dims": (8, 16)})
+  source = write_random_workdir(source_cfg, str(tmp_path), 7,
+                                info=ImageDataInfo(10, (16, 16, 3), False, 100))
+  config = ml_collections.ConfigDict(dict(
+      model=dict(name="dual_encoder", image=tower, embed_dim=8,
+                 text=dict(name="bert", variant=None, width=8, depth=1, num_heads=2,
+                           mlp_dim=8, max_len=8)), compute_dtype="float32"))
+  model = nnx.eval_shape(lambda: build_dual_encoder(  # 32x32 images: 8x8 patches, not 4x4
+      config, Nesting.create((8,)), in_channels=3, image_size=32, vocab_size=10,
+      rngs=nnx.Rngs(0)))
+  _, params, model_state = nnx.split(model, nnx.Param, ...)
+  lines = []
+  state = init_from.load_pretrained(
+      {"params": random_like(params, 8), "model_state": random_like(model_state, 9)},
+      per_tower(image_run=source), log=lines.append)
+  src = by_path(inference.load(source).params)["encoder/pos_embedding"]
+  dst = by_path(state["params"])["image/pos_embedding"]
+  assert src.shape == (1, 17, 16) and dst.shape == (1, 65, 16)
+  np.testing.assert_allclose(dst, vit.resize_pos_embedding(src, 65), rtol=1e-6)
+  assert "image/pos_embedding resized (1, 17, 16) -> (1, 65, 16)" in lines[0]
