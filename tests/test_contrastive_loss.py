@@ -79,7 +79,7 @@ def test_values_and_gradients_match_float64_per_size_loop(case):
   with jax.enable_x64(True):
     def ref(i, t, s, *b):
       return naive_loss(i, t, dims, weights, s, b[0] if b else None, kind)
-    (ref_total, ref_per), ref_grads = jax.value_and_grad(ref, argnums, has_aux=True)(
+    (ref_total, ref_per), ref_grads = jax.jit(jax.value_and_grad(ref, argnums, has_aux=True))(
         *[jnp.asarray(a, jnp.float64) for a in args])
   assert per.dtype == jnp.float32 and per.shape == (len(dims),)
   # Float32 error of a B x d contraction, then a softmax over B, in ~3 steps; the
