@@ -92,7 +92,8 @@ def _mismatch(copy: _Copy, source_name: str, source_shape, target_shape) -> Conf
     return ConfigError(f"{where}: the vocabulary differs from that run's; set "
                        f"config.data.tokenizer to its tokenizer ({copy.workdir}/tokenizer.json, "
                        "made from the source's vocab.txt).")
-  head = " (and, with head=True, the classes and nesting)" if copy.field == "config.init_from" else ""
+  whole_model = copy.field == "config.init_from"
+  head = " (and, with head=True, the classes and nesting)" if whole_model else ""
   return ConfigError(f"{where}; match {copy.model_field}{head} to the pre-trained run.")
 
 

@@ -33,9 +33,10 @@ def make_config(image=VIT, text=BERT, embed_dim=12, **contrastive):
 
 
 def build(config, dims=(4, 8, 12)):
-  nesting = Nesting.create(dims)
-  return build_dual_encoder(config, nesting, in_channels=3, image_size=8, vocab_size=VOCAB,
-                            rngs=nnx.Rngs(0))
+  # "rbg" keys: eager initialisation compiles ~5x faster on CPU than with threefry.
+  rngs = nnx.Rngs(jax.random.key(0, impl="rbg"))
+  return build_dual_encoder(config, Nesting.create(dims), in_channels=3, image_size=8,
+                            vocab_size=VOCAB, rngs=rngs)
 
 
 def by_path(state):

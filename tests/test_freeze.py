@@ -11,7 +11,8 @@ from mrl_jax import experiment, inference, optim, perf, sharding, train
 from mrl_jax.errors import ConfigError
 from test_train import quickstart_config
 
-PARAMS = {"encoder": {"conv": {"kernel": -jnp.zeros((3, 3, 2, 4))}, "bn": {"scale": jnp.ones((4,))}},
+PARAMS = {"encoder": {"conv": {"kernel": -jnp.zeros((3, 3, 2, 4))},
+                      "bn": {"scale": jnp.ones((4,))}},
           "head": {"kernel": jnp.ones((4, 5)), "bias": jnp.ones((5,))}}
 
 

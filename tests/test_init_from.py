@@ -1,4 +1,5 @@
-"""Fine-tuning from another run: the encoder is copied (position embedding resized), the head is new."""
+"""Fine-tuning from another run: the encoder is copied (position embedding resized), the head
+is new; a dual encoder's towers each from their own run (classification, MLM)."""
 
 import os
 
