@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from mrl_jax.data import text_demo
 from mrl_jax.data import tokenizer as tokenizer_lib
+from mrl_jax.data import wordpiece_vocab
 from mrl_jax.errors import UserError
 from mrl_jax.tools import train_tokenizer
 
@@ -170,3 +174,144 @@ def test_train_tokenizer_cli(tmp_path, capsys):
   assert train_tokenizer.main(["--input", str(tmp_path / "missing.txt"), "--vocab_size", "100",
                                "--out", str(out)]) == 2
   assert "missing.txt" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ deterministic training
+_NUMBERS = "zero one two three four five six seven eight nine".split()
+_COLOURS = "red green blue yellow white".split()
+# Caption-like text with many equally frequent pairs: Hugging Face's trainer
+# broke such ties in a per-process random order.
+_TIED_TEXTS = [f"a {c} {n} and a {d} {m}" for c in _COLOURS for n in _NUMBERS
+               for d in _COLOURS[::-1] for m in _NUMBERS[::-1]]
+
+_TRAIN_SCRIPT = """
+import sys
+from mrl_jax.data import tokenizer
+with open(sys.argv[1], encoding="utf-8") as f:
+  texts = f.read().splitlines()
+trained = tokenizer.train_wordpiece(texts, int(sys.argv[3]))
+trained.save(sys.argv[2] + "/tokenizer.json")
+trained.save_vocab(sys.argv[2] + "/vocab.txt")
+"""
+
+
+def test_training_gives_the_same_files_in_every_process(tmp_path):
+  corpus = tmp_path / "texts.txt"
+  corpus.write_text("\n".join(_TIED_TEXTS + text_demo.lee_background_documents()[:20]) + "\n",
+                    encoding="utf-8")
+  outputs = []
+  for seed in ("0", "1", "2"):
+    out = tmp_path / f"run{seed}"
+    out.mkdir()
+    env = dict(os.environ, PYTHONHASHSEED=seed)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(tokenizer_lib.__file__)))]
+        + [p for p in [env.get("PYTHONPATH")] if p])
+    subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, str(corpus), str(out), "600"],
+                   env=env, check=True, timeout=300)
+    outputs.append(((out / "vocab.txt").read_bytes(), (out / "tokenizer.json").read_bytes()))
+  assert outputs[0] == outputs[1] == outputs[2]
+  # And the same as in this process.
+  here = tokenizer_lib.train_wordpiece(corpus.read_text(encoding="utf-8").splitlines(), 600)
+  assert "".join(t + "\n" for t in here.vocab()).encode("utf-8") == outputs[0][0]
+
+
+def _naive_learn_vocab(word_counts, size, min_frequency, specials):
+  """The learner's rule, recounting every pair from scratch before each merge."""
+  words = {w: [w[0]] + ["##" + ch for ch in w[1:]] for w in word_counts}
+  initial = sorted({p[0] for p in words.values()})
+  continuation = sorted({s for p in words.values() for s in p[1:]})
+  vocab = list(specials) + initial + continuation
+  while len(vocab) < size:
+    counts = collections.Counter()
+    for w, pieces in words.items():
+      for pair in zip(pieces, pieces[1:]):
+        counts[pair] += word_counts[w]
+    if not counts:
+      break
+    best = min(counts, key=lambda pair: (-counts[pair], pair))
+    if counts[best] < min_frequency:
+      break
+    a, b = best
+    merged = a + b[2:]
+    if merged not in vocab:
+      vocab.append(merged)
+    for w, pieces in words.items():
+      out, i = [], 0
+      while i < len(pieces):
+        if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == best:
+          out.append(merged)
+          i += 2
+        else:
+          out.append(pieces[i])
+          i += 1
+      words[w] = out
+  return vocab
+
+
+def test_merges_closed_form():
+  # "aaaa": (##a, ##a) occurs twice (weight 1 each) and beats (a, ##a); it is
+  # merged left to right without overlap (a ##aa ##a); then the two pairs
+  # left tie at 1 and "##" sorts before "a", so ##aaa comes before aaaa.
+  assert wordpiece_vocab.learn_vocab({"aaaa": 1}, 100, min_frequency=1) == [
+      "a", "##a", "##aa", "##aaa", "aaaa"]
+  # Pair counts are weighted by word counts: (c, ##d) 3 > (a, ##b) 2.
+  assert wordpiece_vocab.learn_vocab({"ab": 2, "cd": 3}, 100)[4:] == ["cd", "ab"]
+  # Equal counts: lexicographic on (left, right), so ab before cd.
+  assert wordpiece_vocab.learn_vocab({"cd": 3, "ab": 3}, 100)[4:] == ["ab", "cd"]
+  # xyz: (##y, ##z) and (x, ##y) tie at 2; ##yz first, then x + ##yz.
+  assert wordpiece_vocab.learn_vocab({"xyz": 2}, 100, special_tokens=("[S]",)) == [
+      "[S]", "x", "##y", "##z", "##yz", "xyz"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_incremental_counts_match_recounting(seed):
+  rng = random.Random(seed)
+  letters = "abcde"[:3 + seed % 3]
+  counts = {}
+  for _ in range(60):
+    word = "".join(rng.choice(letters) for _ in range(rng.randint(1, 7)))
+    counts[word] = rng.randint(1, 4)  # Small counts: many ties.
+  for size, min_frequency in ((40, 2), (400, 1), (400, 5)):
+    got = wordpiece_vocab.learn_vocab(counts, size, min_frequency=min_frequency,
+                                      special_tokens=tokenizer_lib.SPECIAL_TOKENS)
+    assert got == _naive_learn_vocab(counts, size, min_frequency, tokenizer_lib.SPECIAL_TOKENS)
+
+
+def test_train_wordpiece_limits():
+  texts = ["ab ab ab, CD cd cd."]
+  specials = list(tokenizer_lib.SPECIAL_TOKENS)
+  alphabet = [",", ".", "a", "c", "##b", "##d"]
+  # min_frequency above every pair count (3): the alphabet only.
+  assert tokenizer_lib.train_wordpiece(texts, 100, min_frequency=4).vocab() == specials + alphabet
+  assert tokenizer_lib.train_wordpiece(texts, 100).vocab() == specials + alphabet + ["ab", "cd"]
+  # vocab_size stops the merges, and when the alphabet does not fit its most
+  # frequent pieces are kept (ties by code point).
+  assert tokenizer_lib.train_wordpiece(texts, 12).vocab() == specials + alphabet + ["ab"]
+  small = tokenizer_lib.train_wordpiece(texts, 8)
+  assert small.vocab() == specials + ["a", "##b", "##d"]  # Of a, c, ##b, ##d (3 each).
+  assert small.tokenize_ids("cd ab ,") == [1, 5, 6, 1]  # A word with a lost piece: [UNK].
+  # Cased training keeps CD apart from cd.
+  assert "CD" in tokenizer_lib.train_wordpiece(texts * 2, 100, lowercase=False).vocab()
+  with pytest.raises(ValueError, match="vocab_size"):
+    tokenizer_lib.train_wordpiece(texts, 5)
+
+
+def test_special_tokens_in_training_text_stay_special():
+  trained = tokenizer_lib.train_wordpiece(["the [MASK] sat [SEP] on the mat"] * 3, 100)
+  assert "mask" not in trained.vocab() and "[" not in trained.vocab()
+  assert trained.tokenize_ids("[MASK] [SEP]") == [trained.mask_id, trained.sep_id]
+  assert trained.decode(trained.encode(["the mat"], 8)["input_ids"][0]) == "the mat"
+
+
+def test_every_training_word_tokenises_without_unk(trained):
+  docs = text_demo.lee_background_documents()
+  backend = trained[0].backend
+  words = {w for d in docs for w, _ in backend.pre_tokenizer.pre_tokenize_str(
+      backend.normalizer.normalize_str(d))}
+  for tokenizer in (trained[0], tokenizer_lib.train_wordpiece(docs, 300)):
+    words_list = sorted(words)
+    for word, ids in zip(words_list, tokenizer.tokenize_batch(words_list)):
+      assert tokenizer.unk_id not in ids, word
+      pieces = [tokenizer.id_to_token(i) for i in ids]
+      assert pieces[0] + "".join(p[2:] for p in pieces[1:]) == word

@@ -19,13 +19,16 @@ Two file formats are read by `load_tokenizer`:
 A directory is looked into for `tokenizer.json` first, then `vocab.txt`.
 
 `train_wordpiece(texts, vocab_size)` learns a vocabulary from local text
-(`tokenizers`' WordPiece trainer); ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK].
+(deterministically, with `wordpiece_vocab.learn_vocab`); ids 0..4 are
+[PAD] [UNK] [CLS] [SEP] [MASK].
 The command line is `python -m mrl_jax.tools.train_tokenizer`.
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -289,24 +292,55 @@ def load_tokenizer(path: str, *, lowercase: bool = True) -> TextTokenizer:
   return TextTokenizer(backend, path=path)
 
 
+def _word_counts(texts: Iterable[str], backend) -> collections.Counter:
+  """word -> occurrences in `texts`, the words being what `backend`'s BERT
+  normalizer and pre-tokenizer make of them (special tokens in the text are
+  taken out first, as the tokenizer does when encoding)."""
+  normalize = backend.normalizer.normalize_str
+  pre_tokenize = backend.pre_tokenizer.pre_tokenize_str
+  counts: collections.Counter = collections.Counter()
+  for text in texts:
+    for segment in _SPECIAL_TOKENS_RE.split(text):
+      if segment:
+        counts.update(word for word, _ in pre_tokenize(normalize(segment)))
+  return counts
+
+
+_SPECIAL_TOKENS_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+
+
 def train_wordpiece(texts: Iterable[str], vocab_size: int, *, lowercase: bool = True,
                     min_frequency: int = 2) -> TextTokenizer:
   """A WordPiece tokenizer with BERT's normalisation, learnt from `texts`.
 
-  Ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK]; the vocabulary has at most
-  `vocab_size` tokens (fewer when the text has fewer distinct pieces). The
-  result depends only on the texts and the arguments (the trainer is
-  deterministic).
+  Ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK], then the characters of the
+  words (word-initial, then `##` continuations, by code point), then the
+  pieces merged from the most frequent adjacent pairs, in merge order
+  (`wordpiece_vocab.learn_vocab`); merging stops at `vocab_size` tokens or
+  when no pair occurs `min_frequency` times. Words longer than
+  MAX_INPUT_CHARS_PER_WORD are left out (they tokenise to [UNK] anyway).
+  The vocabulary, and the saved files, depend only on the texts and the
+  arguments: ties are broken by a fixed rule, not by the process's hash
+  order (Hugging Face's WordPieceTrainer gives a different vocabulary in
+  every process). Every training word that fits the alphabet tokenises
+  without [UNK].
   """
-  from tokenizers import models, trainers  # pylint: disable=g-import-not-at-top
+  from tokenizers import models  # pylint: disable=g-import-not-at-top
+  from mrl_jax.data import wordpiece_vocab  # pylint: disable=g-import-not-at-top
   if vocab_size <= len(SPECIAL_TOKENS):
     raise ValueError(f"vocab_size={vocab_size}: must exceed the {len(SPECIAL_TOKENS)} "
                      f"special tokens.")
-  backend = _bert_pipeline(
-      models.WordPiece(unk_token=UNK, max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD,
-                       continuing_subword_prefix=CONTINUATION_PREFIX), lowercase)
-  trainer = trainers.WordPieceTrainer(
-      vocab_size=int(vocab_size), min_frequency=int(min_frequency), show_progress=False,
-      special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix=CONTINUATION_PREFIX)
-  backend.train_from_iterator(texts, trainer=trainer)
+  splitter = _bert_pipeline(models.WordPiece(unk_token=UNK), lowercase)
+  counts = _word_counts(texts, splitter)
+  counts = {w: c for w, c in counts.items() if len(w) <= MAX_INPUT_CHARS_PER_WORD}
+  tokens = wordpiece_vocab.learn_vocab(
+      counts, int(vocab_size), min_frequency=int(min_frequency), special_tokens=SPECIAL_TOKENS,
+      prefix=CONTINUATION_PREFIX)
+  model = models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token=UNK,
+                           max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD,
+                           continuing_subword_prefix=CONTINUATION_PREFIX)
+  backend = _bert_pipeline(model, lowercase)
+  # As the trainer did: the specials are added tokens (never split, skipped by
+  # decode); they keep their ids 0..4.
+  backend.add_special_tokens(list(SPECIAL_TOKENS))
   return TextTokenizer(backend)
