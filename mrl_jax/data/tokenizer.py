@@ -292,6 +292,10 @@ def load_tokenizer(path: str, *, lowercase: bool = True) -> TextTokenizer:
   return TextTokenizer(backend, path=path)
 
 
+# Special tokens in training text are cut out before normalisation, as encoding does.
+_SPECIAL_TOKENS_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+
+
 def _word_counts(texts: Iterable[str], backend) -> collections.Counter:
   """word -> occurrences in `texts`, the words being what `backend`'s BERT
   normalizer and pre-tokenizer make of them (special tokens in the text are
@@ -304,9 +308,6 @@ def _word_counts(texts: Iterable[str], backend) -> collections.Counter:
       if segment:
         counts.update(word for word, _ in pre_tokenize(normalize(segment)))
   return counts
-
-
-_SPECIAL_TOKENS_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, *, lowercase: bool = True,
