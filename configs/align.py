@@ -80,9 +80,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = dict(
       name="dual_encoder",
       image=dict(name="vit", variant="B/16", pool="token",
-                 representation_size=config_dict.placeholder(int), dropout=0.0, remat=False),
+                 representation_size=config_dict.placeholder(int), dropout=0.0, remat=False,
+                 # Architecture overrides; None: the variant's.
+                 width=config_dict.placeholder(int), depth=config_dict.placeholder(int),
+                 mlp_dim=config_dict.placeholder(int), num_heads=config_dict.placeholder(int),
+                 patch=config_dict.placeholder(int)),
       text=dict(name="bert", variant="base", pooling="cls", dropout=0.1, attention_dropout=0.1,
-                max_len=config_dict.placeholder(int), remat=False),
+                # Architecture overrides; None: the variant's.
+                width=config_dict.placeholder(int), depth=config_dict.placeholder(int),
+                num_heads=config_dict.placeholder(int), mlp_dim=config_dict.placeholder(int),
+                max_len=config_dict.placeholder(int),  # Position embeddings (512).
+                remat=False),
       embed_dim=768)  # None: no projections (both towers must then be equally wide).
   config.compute_dtype = "bfloat16"
 

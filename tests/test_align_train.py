@@ -1,10 +1,10 @@
 """configs/align.py end to end: the contrastive task trains through the real loop, writes
-its summary (zero-shot, retrieval), resumes exactly after SIGTERM, compiles for a pod
+its summary (zero-shot, retrieval), resumes exactly after a kill, compiles for a pod
 mesh without data; the plain (ff) head, the sigmoid loss and a LiT run train."""
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +19,8 @@ from test_configs import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALIGN = os.path.join(ROOT, "configs", "align.py")
+# One layer per tower where the test is about the loop, not the model: faster to compile.
+ONE_LAYER = {"model.image.depth": 1, "model.text.depth": 1}
 
 
 def align_config(data_dir, arg="runlocal", *, evaluators=False, **overrides):
@@ -65,20 +67,15 @@ def final_params(workdir):
   return step, {sharding.path_to_str(p): np.asarray(x) for p, x in leaves}
 
 
-def initial_params(config):
-  from mrl_jax import experiment
-  state = experiment.build(config).init_state()
-  leaves, _ = jax.tree_util.tree_flatten_with_path(state["params"])
-  return {sharding.path_to_str(p): np.asarray(x) for p, x in leaves}
-
-
 # ---------------------------------------------------------------- the runlocal run
 @pytest.fixture(scope="module")
 def trained(image_text_demo_data_dir, tmp_path_factory):
   """(workdir, config, summary) of a short :runlocal run with both evaluators."""
   workdir = str(tmp_path_factory.mktemp("align_run"))
+  # The evaluators on the first 256 test images (and their captions): seconds, not tens.
   config = align_config(image_text_demo_data_dir, evaluators=True, total_steps=40,
-                        log_every_steps=10, checkpoint_every_steps=40)
+                        log_every_steps=10, checkpoint_every_steps=40,
+                        **{"zero_shot.split": "test[:256]", "retrieval.split": "test[:256]"})
   return workdir, config, train.train_and_evaluate(config, workdir)
 
 
@@ -113,44 +110,39 @@ def test_runlocal_logs_the_weighted_sum_the_scale_and_learns(trained):
     assert all(0.0 <= row[f"train/pair_top1_d{m}"] <= 1.0 for m in dims)
   # The softmax loss starts at the learned temperature 1/0.07 (CLIP's initialisation).
   assert rows[0]["train/scale"] == pytest.approx(1 / 0.07, rel=1e-3)
-  # Chance of in-batch top-1 is 1/64; the symmetric InfoNCE starts near 2 * log(64) / 2
-  # per size. After 40 steps every size's loss has fallen (seeds 0-2: MEASURED).
-  first, last = rows[0], rows[-1]
-  for m in dims:
-    assert last[f"train/loss_d{m}"] < 0.9 * first[f"train/loss_d{m}"], m
-  assert min(summary["eval_pair_top1"].values()) > 2.0 / config.eval_batch_size
+  # Learnt at every size, on the 960 test pairs in full batches of 64: chance is an
+  # in-batch top-1 of 1/64 and a symmetric InfoNCE of log(64) = 4.16. After 40 steps
+  # (seeds 0 and 1): top-1 7.3-8.5% and 7.0-7.2%, loss 3.42-3.47 and 3.54-3.59.
+  for m in map(str, dims):
+    assert summary["eval_pair_top1"][m] > 2.0 / config.eval_batch_size, m
+    assert summary["eval_loss"][m] < 0.95 * np.log(config.eval_batch_size), m
 
 
 # ---------------------------------------------------------------- resume
 @pytest.mark.slow
-def test_sigterm_then_rerun_resumes_to_the_same_parameters(image_text_demo_data_dir, tmp_path,
-                                                           monkeypatch):
-  """Kill at step 3 of 6, rerun: the same losses and final parameters, bit for bit."""
-  config = align_config(image_text_demo_data_dir, total_steps=6, checkpoint_every_steps=100)
-  uninterrupted = tmp_path / "uninterrupted"
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(
+    image_text_demo_data_dir, tmp_path):
+  """A copy of a 6-step run with only its step-3 checkpoint (as a kill between the saves
+  at 3 and 6 leaves it), rerun: steps 4-6 give the same losses and parameters, bit for
+  bit (the data position and the optimizer state are in the checkpoint)."""
+  config = align_config(image_text_demo_data_dir, total_steps=6, checkpoint_every_steps=3,
+                        **ONE_LAYER)
+  uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
   train.train_and_evaluate(config, str(uninterrupted))
+  assert sorted(os.listdir(uninterrupted / "checkpoints")) == ["3", "6"]
+  shutil.copytree(uninterrupted, killed)
+  shutil.rmtree(killed / "checkpoints" / "6")
+  os.remove(killed / "summary.json")
+  summary = train.train_and_evaluate(config, str(killed))
+  assert summary["steps"] == 6
 
-  calls = {"n": 0}
-  real_global_batch = sharding.global_batch
-
-  def global_batch_then_sigterm(batch, mesh):
-    calls["n"] += 1
-    if calls["n"] == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return real_global_batch(batch, mesh)
-
-  interrupted = tmp_path / "interrupted"
-  monkeypatch.setattr(sharding, "global_batch", global_batch_then_sigterm)
-  result = train.train_and_evaluate(config, str(interrupted))
-  monkeypatch.setattr(sharding, "global_batch", real_global_batch)
-  assert result["preempted"] and result["steps"] == 3
-  assert train.train_and_evaluate(config, str(interrupted))["steps"] == 6
-
-  expected, resumed = train_losses(uninterrupted), train_losses(interrupted)
-  assert sorted(resumed) == list(range(1, 7))
-  for step in expected:  # CPU, same batches (the data position is saved): identical.
-    assert resumed[step] == expected[step], step
-  (step_a, a), (step_b, b) = final_params(uninterrupted), final_params(interrupted)
+  expected = train_losses(uninterrupted)
+  rows = [r for r in metric_rows(killed) if "train/loss" in r]
+  rerun = {r["step"]: r["train/loss"] for r in rows[-3:]}  # The rerun's rows come last.
+  assert sorted(rerun) == [4, 5, 6]
+  for step, loss in rerun.items():  # CPU, the same batches: identical to the last bit.
+    assert loss == expected[step], step
+  (step_a, a), (step_b, b) = final_params(uninterrupted), final_params(killed)
   assert step_a == step_b == 6 and a.keys() == b.keys()
   for path in a:
     np.testing.assert_array_equal(a[path], b[path], err_msg=path)
@@ -158,11 +150,14 @@ def test_sigterm_then_rerun_resumes_to_the_same_parameters(image_text_demo_data_
 
 # ---------------------------------------------------------------- compile_check
 @pytest.mark.slow
-def test_full_config_compiles_for_an_8_device_pod_mesh_without_data(tmp_path):
-  """ViT-B/16 + BERT-Base, 768-d projections, batch 16,384, bf16, data x fsdp=8."""
+def test_pod_config_compiles_for_an_8_device_mesh_without_data(tmp_path):
+  """The full config's shapes (ViT-B/16 and BERT-Base widths, 768-d projections, batch
+  16,384 at 224 px, bf16, data x fsdp=8), 2 blocks per tower instead of 12 so that it
+  compiles in seconds; run it without the overrides for the real memory report."""
   result = subprocess.run(
       [sys.executable, "-m", "mrl_jax.main", f"--config={ALIGN}", f"--workdir={tmp_path}",
-       "--mode=compile_check", "--cpu_devices=8"],
+       "--mode=compile_check", "--cpu_devices=8", "--config.model.image.depth=2",
+       "--config.model.text.depth=2"],
       cwd=ROOT, env=subprocess_env(1), timeout=900, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / "compile_check.json") as f:
@@ -173,11 +168,17 @@ def test_full_config_compiles_for_an_8_device_pod_mesh_without_data(tmp_path):
   assert report["vocab_size"] == 30522 and report["image_size"] == 224
   assert report["batch"]["image"]["shape"] == [16384, 224, 224, 3]
   assert report["batch"]["input_ids"]["shape"] == [16384, 64]
-  # ViT-B/16 without a head (86,567,656 - 769,000), BERT-Base without the pooler (the
-  # encoder of bert-base-uncased: 108,891,648), two 768x768 projections, t.
-  assert report["parameters"] == (86_567_656 - 769_000) + 108_891_648 + 2 * 768 * 768 + 1
+  # A 768-wide pre/post-LN block (attention 4 x (768^2 + 768), MLP 2 x 768 x 3072 + 3072 +
+  # 768, two LayerNorms): 7,087,872. Outside the blocks: ViT-B/16's patch embedding, class
+  # token, positions and final norm (85,798,656 - 12 blocks = 744,192), BERT-Base's
+  # embeddings and their norm (108,891,648 - 12 blocks = 23,837,184); two 768 x 768
+  # projections and the temperature t.
+  block = 7_087_872
+  assert report["parameters"] == (744_192 + 2 * block) + (23_837_184 + 2 * block) \
+      + 2 * 768 * 768 + 1
   mem = report["per_device_mib"]
   assert mem["params"] < 1.1 * report["parameters"] * 4 / 2**20 / 8 + 1  # fsdp=8 splits them
+  assert mem["temporaries"] > 0 and mem["peak_estimate"] >= mem["train_state"]
 
 
 def test_compile_check_without_the_corpus_names_the_fields_to_set(tmp_path):
@@ -194,7 +195,7 @@ def test_compile_check_without_the_corpus_names_the_fields_to_set(tmp_path):
 # ---------------------------------------------------------------- variants
 @pytest.mark.slow
 def test_plain_ff_head_trains_one_size(image_text_demo_data_dir, tmp_path):
-  config = align_config(image_text_demo_data_dir, total_steps=4, head="ff")
+  config = align_config(image_text_demo_data_dir, total_steps=4, head="ff", **ONE_LAYER)
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary["dims"] == [64] and list(summary["eval_pair_top1"]) == ["64"]
   row = [r for r in metric_rows(tmp_path) if "train/loss" in r][0]
@@ -202,21 +203,25 @@ def test_plain_ff_head_trains_one_size(image_text_demo_data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigmoid_lit_run_trains_the_text_tower_and_keeps_the_image_tower(
-    image_text_demo_data_dir, tmp_path):
-  """SigLIP loss (scale and bias logged) with the image tower locked (LiT)."""
-  config = align_config(image_text_demo_data_dir, "runlocal,sigmoid,lit", total_steps=4)
+def test_sigmoid_lit_run_keeps_the_pretrained_image_tower_and_trains_the_rest(
+    trained, image_text_demo_data_dir, tmp_path):
+  """LiT with SigLIP's loss: the image tower comes from another run (init_from.image),
+  stays locked bit for bit; the text tower, projections, scale and bias train."""
+  source, _, _ = trained
+  config = align_config(image_text_demo_data_dir, "runlocal,sigmoid,lit", total_steps=4,
+                        **{"init_from.image.workdir": source, "init_from.image.prefix": "image/"})
   assert config.contrastive.kind == "sigmoid" and tuple(config.freeze) == ("^image/",)
-  before = initial_params(config)
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary["steps"] == 4 and all(np.isfinite(v) for v in summary["eval_loss"].values())
   rows = [r for r in metric_rows(tmp_path) if "train/loss" in r]
   assert rows[0]["train/scale"] == pytest.approx(10.0, rel=1e-3)  # SigLIP's init
   assert rows[0]["train/bias"] == pytest.approx(-10.0, abs=1e-2)
+  assert rows[-1]["train/bias"] != rows[0]["train/bias"]
+  _, pretrained = final_params(source)
   _, after = final_params(tmp_path)
   image = [p for p in after if p.startswith("image/")]
-  assert image and all(np.array_equal(before[p], after[p]) for p in image)
-  changed = [p for p in after if not p.startswith("image/")
-             and not np.array_equal(before[p], after[p])]
-  assert any(p.startswith("text/") for p in changed)
-  assert "image_projection/kernel" in changed and "logit_bias" in changed
+  assert image and all(np.array_equal(pretrained[p], after[p]) for p in image)
+  # The text tower started from its own random init, not the source's, and trained on.
+  text = [p for p in after if p.startswith("text/")]
+  assert any(not np.array_equal(pretrained[p], after[p]) for p in text)
+  assert "logit_bias" in after and "image_projection/kernel" in after
