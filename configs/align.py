@@ -28,13 +28,13 @@ before booking a pod (no data needed):
 `:runlocal`: a 2-layer ViT (patch 4, 64 wide) and a tiny BERT (128 wide, 2
 layers) with 64-d projections, nesting 8..64, 200 steps of batch 64 on the
 embedded `mrl_digit_captions` (32x32 pairs of tinted MNIST digits, captions
-naming digits and colours). Measured on the 2-core CPU (shared with other
-jobs): 78 s for the run, evaluators included; in-batch pair top-1 on the test
-split 22.7-23.8% over the sizes (chance 1/64 = 1.6%), image->text R@1
-1.3-2.0%, text->image R@1 0.9-1.1% (1,000 images, ~4,000 captions), zero-shot
-top-1 0.8-0.9% over the 100 numbers (chance 1%): at this budget the towers
-match the colours the captions name, not yet the digits (see
-benchmarks/align_mrl_shape.py for longer runs).
+naming digits and colours). Measured on an idle 2-core CPU: 33 s for the run
+(38 s with start-up), evaluators included; on the test split in-batch pair
+top-1 17.4-18.2% over the sizes (chance 1/64 = 1.6%), image->text R@1
+1.1-1.4%, text->image R@1 0.5-0.8% (1,000 images, ~4,000 captions), zero-shot
+top-1 0.7-1.1% over the 100 numbers (chance 1%): at this budget the towers
+match the colours the captions name, not yet the digits (1,500 steps do not
+either: benchmarks/align_mrl_shape.py).
 """
 
 import ml_collections
@@ -196,7 +196,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             decay_norms_and_biases=False, grad_clip_norm=1.0)
     config.schedule = dict(name="cosine", warmup_steps=20, end_lr_fraction=0.0)
     config.zero_shot = dict(every_steps=0, data=None, split="test", class_names=None,
-                            templates=("a photo of the digit {}.", "a handwritten {}."),
+                            templates=("the number {}", "a photo of {}."),  # As the captions say it.
                             batch_size=128, max_examples=0)
     config.retrieval = dict(every_steps=0, split="test", ks=(1, 5, 10), batch_size=128,
                             max_images=0)
