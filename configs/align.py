@@ -33,7 +33,7 @@ naming digits and colours). Measured on an idle 2-core CPU: 33 s for the run
 top-1 17.4-18.2% over the sizes (chance 1/64 = 1.6%), image->text R@1
 1.1-1.4%, text->image R@1 0.5-0.8% (1,000 images, ~4,000 captions), zero-shot
 top-1 0.7-1.1% over the 100 numbers (chance 1%): at this budget the towers
-match the colours the captions name, not yet the digits (1,500 steps do not
+match the colours the captions name, not yet the digits (3,000 steps do not
 either: benchmarks/align_mrl_shape.py).
 """
 
