@@ -1,7 +1,7 @@
 """The MRL shape for dual encoders: zero-shot, recall and image 1-NN per size, MRL vs plain.
 
     python benchmarks/align_mrl_shape.py --out benchmarks/results/align_mrl_shape.json \
-        [--steps 3000 --workdir /tmp/align_shape --data_dir DIR]
+        [--steps 1000 --workdir /tmp/align_shape --data_dir DIR]
 
 On the embedded `mrl_digit_captions` corpus (`configs/align.py:runlocal`: a
 2-layer ViT image tower and a tiny BERT text tower, 64-d projections, the
@@ -176,7 +176,7 @@ def plot(result: dict[str, Any], path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="JSON file; the PNG goes beside it.")
-  parser.add_argument("--steps", type=int, default=3000, help="Train steps per model.")
+  parser.add_argument("--steps", type=int, default=1000, help="Train steps per model.")
   parser.add_argument("--workdir", default="/tmp/align_mrl_shape",
                       help="Where the models are trained.")
   parser.add_argument("--data_dir", default=None, help="TFDS data_dir (default: TFDS's).")

