@@ -86,6 +86,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def written_and_skipped_lines(report: dict, written: Callable[[dict], str]) -> list[str]:
+  """One line per split (`written(split_report)`, then its source), then one line of the
+  rows skipped by reason (build_text_corpus and build_image_text_corpus print this)."""
+  lines, skips = [], []
+  for split, r in sorted(report["splits"].items()):
+    lines.append(f"{split}: {written(r)}  [{r['manifest']}]")
+    if r["num_skipped"]:
+      reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(r["skipped"].items()))
+      skips.append(f"{split} {r['num_skipped']} ({reasons})")
+  if skips:
+    lines.append("skipped bad rows: " + "; ".join(skips))
+  return lines
+
+
 def print_build_report(builder, name: str, version: str,
                        summary: Callable[[dict], list[str]]) -> bool:
   """Built (or found already built) and, from bad_rows.json, per split what was

@@ -36,7 +36,7 @@ from mrl_jax.data import image_text_corpus
 from mrl_jax.data import label_corpus
 from mrl_jax.data import text_corpus
 from mrl_jax.errors import UserError
-from mrl_jax.tools.build_corpus import print_build_report
+from mrl_jax.tools.build_corpus import print_build_report, written_and_skipped_lines
 
 SPLITS = ("train", "validation", "test")
 
@@ -74,16 +74,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def summary_lines(report: dict) -> list[str]:
   """One line per split (images and captions written), then the rows skipped by reason."""
-  lines, skips = [], []
-  for split, r in sorted(report["splits"].items()):
-    lines.append(f"{split}: {r['examples']} images with {r.get('captions', 0)} captions "
-                 f"written of {r['rows']} rows  [{r['manifest']}]")
-    if r["num_skipped"]:
-      reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(r["skipped"].items()))
-      skips.append(f"{split} {r['num_skipped']} ({reasons})")
-  if skips:
-    lines.append("skipped bad rows: " + "; ".join(skips))
-  return lines
+  return written_and_skipped_lines(
+      report, lambda r: f"{r['examples']} images with {r.get('captions', 0)} captions "
+                        f"written of {r['rows']} rows")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
