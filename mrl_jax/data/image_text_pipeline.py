@@ -150,24 +150,13 @@ def _settings(cfg) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ tokenizer
-@functools.lru_cache(maxsize=8)
-def _tokenizer_cached(path: str, mtime: float | None) -> tokenizer_lib.TextTokenizer:
-  del mtime  # Part of the cache key only: an edited file is read again.
-  return tokenizer_lib.load_tokenizer(path)
-
-
 def _tokenizer_file(s: dict[str, Any]) -> str:
   return text_corpus.data_tokenizer_file(s["tokenizer"], name=s["name"], split=s["train_split"],
                                          data_dir=s["data_dir"], build_tool=_BUILD_TOOL)
 
 
 def _tokenizer(s: dict[str, Any]) -> tokenizer_lib.TextTokenizer:
-  path = _tokenizer_file(s)
-  try:
-    mtime = os.stat(path).st_mtime
-  except OSError:
-    mtime = None  # load_tokenizer says what is missing.
-  return _tokenizer_cached(path, mtime)
+  return tokenizer_lib.load_tokenizer_cached(_tokenizer_file(s))
 
 
 def load_caption_tokenizer(data_cfg) -> tokenizer_lib.TextTokenizer:

@@ -134,12 +134,6 @@ def _settings(cfg) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ tokenizer
-@functools.lru_cache(maxsize=8)
-def _load_tokenizer_cached(path: str, mtime: float | None) -> tokenizer_lib.TextTokenizer:
-  del mtime  # Part of the cache key only: an edited file is read again.
-  return tokenizer_lib.load_tokenizer(path)
-
-
 def _tokenizer_file(s: dict[str, Any]) -> str:
   """The file of the tokenizer `s` names (the corpus's own when tokenizer is None)."""
   from mrl_jax.data import text_corpus  # pylint: disable=g-import-not-at-top
@@ -148,12 +142,7 @@ def _tokenizer_file(s: dict[str, Any]) -> str:
 
 
 def _tokenizer(s: dict[str, Any]) -> tokenizer_lib.TextTokenizer:
-  path = _tokenizer_file(s)
-  try:
-    mtime = os.stat(path).st_mtime
-  except OSError:
-    mtime = None  # load_tokenizer says what is missing.
-  return _load_tokenizer_cached(path, mtime)
+  return tokenizer_lib.load_tokenizer_cached(_tokenizer_file(s))
 
 
 def load_data_tokenizer(data_cfg) -> tokenizer_lib.TextTokenizer:
@@ -248,7 +237,7 @@ def _packed_cached(name: str, split: str, data_dir: str | None, text_key: str,
   del dataset_path  # Part of the cache key only: a rebuilt dataset is read again.
   s = dict(DEFAULTS, name=name, data_dir=data_dir, text_key=text_key,
            on_bad_example=on_bad_example)
-  tokenizer = _load_tokenizer_cached(tokenizer_path, tokenizer_mtime)
+  tokenizer = tokenizer_lib.load_tokenizer_cached(tokenizer_path)
   source, _ = sources.open_source(name, split, data_dir)
   indices, token_ids, skipped = [], [], 0
   for start in range(0, len(source), _TOKENIZE_CHUNK):

@@ -27,6 +27,7 @@ The command line is `python -m mrl_jax.tools.train_tokenizer`.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import re
 from typing import Iterable, Sequence
@@ -308,6 +309,22 @@ def _word_counts(texts: Iterable[str], backend) -> collections.Counter:
       if segment:
         counts.update(word for word, _ in pre_tokenize(normalize(segment)))
   return counts
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer_version(path: str, mtime: float | None) -> TextTokenizer:
+  del mtime  # Part of the cache key only: an edited file is read again.
+  return load_tokenizer(path)
+
+
+def load_tokenizer_cached(path: str) -> TextTokenizer:
+  """`load_tokenizer(path)`, read once per version of the file (its mtime): the data
+  pipelines ask for it per split, iterator and evaluator."""
+  try:
+    mtime = os.stat(path).st_mtime
+  except OSError:
+    mtime = None  # load_tokenizer says what is missing.
+  return _load_tokenizer_version(path, mtime)
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, *, lowercase: bool = True,
