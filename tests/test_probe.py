@@ -127,3 +127,27 @@ def test_svd_basis_is_ordered_by_variance():
   z = rng.normal(size=(500, 3)) * np.array([0.1, 5.0, 1.0])
   _, basis = probe.svd_basis(z)
   assert np.argmax(np.abs(basis[:, 0])) == 1 and np.argmax(np.abs(basis[:, 1])) == 2
+
+
+@pytest.mark.slow
+def test_embed_workdir_split_gives_the_split_in_order_with_its_labels(trained_workdir):
+  """The index's database rows: the train split's embeddings and labels, row i = example i."""
+  from mrl_jax.retrieval.workdir_embeddings import embed_workdir_split
+  z, labels = embed_workdir_split(trained_workdir, "train", batch_size=100)
+  assert z.dtype == np.float32 and z.shape == (1437, 64)
+  assert labels.dtype == np.int64 and labels.shape == (1437,)
+  # Independent of the batch size and the probe loop: the model run on the split's
+  # first examples straight from the pipeline.
+  model = inference.load(trained_workdir)
+  batch = next(iter(pipeline.make_eval_batches(model.config.data, global_batch_size=50,
+                                               split="train")))
+  np.testing.assert_array_equal(labels[:50], batch["label"])
+  np.testing.assert_allclose(z[:50], model.embed(batch["image"]), rtol=1e-4, atol=1e-5)
+  assert np.bincount(labels).min() > 100  # All ten digits, not one class repeated.
+
+
+def test_embed_workdir_split_refuses_a_text_workdir_with_the_fix(tmp_path):
+  from mrl_jax.retrieval import workdir_embeddings
+  (tmp_path / "config.json").write_text(json.dumps({"task": "mlm", "data": {"name": "x"}}))
+  with pytest.raises(workdir_embeddings.WorkdirEmbeddingError, match="embed_text"):
+    workdir_embeddings.embed_workdir_split(str(tmp_path), "train")

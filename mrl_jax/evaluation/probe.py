@@ -128,10 +128,13 @@ def probe_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def embed_split(model: inference.RestoredModel, data_cfg, split: str, batch_size: int,
-                in_channels: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                in_channels: int | None = None, *, with_logits: bool = True,
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
   """(embeddings [N, d], nested logits [n, N, C], labels [N] or multi-hot [N, K]) of a split.
 
   Grayscale images fed to a model with `in_channels=3` are repeated over the channels.
+  `with_logits=False` keeps no logits (None in their place): a large database's
+  [n, N, C] logits would not fit in memory.
   """
   zs, logits, labels = [], [], []
   for batch in pipeline.make_eval_batches(data_cfg, global_batch_size=batch_size, split=split):
@@ -141,9 +144,11 @@ def embed_split(model: inference.RestoredModel, data_cfg, split: str, batch_size
       images = np.repeat(images, 3, axis=-1)
     z, lg = model.embed_and_logits(images)
     zs.append(z)
-    logits.append(lg)
+    if with_logits:
+      logits.append(lg)
     labels.append(batch["label"][keep])
-  return np.concatenate(zs), np.concatenate(logits, axis=1), np.concatenate(labels)
+  return (np.concatenate(zs), np.concatenate(logits, axis=1) if with_logits else None,
+          np.concatenate(labels))
 
 
 def svd_basis(train_z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
