@@ -39,7 +39,7 @@ from typing import Any, Union
 from mrl_jax.retrieval.errors import IndexQueryError
 
 EXACT_SHORTLIST = "exact"  # Funnel.shortlist for an exact stage-0 scan of a stored prefix.
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")
+SHORTLIST_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")  # An ANN's name in a plan.
 _METRIC = re.compile(r"[a-z_]+@[1-9][0-9]*\Z")
 _GRAMMAR = ("exact[:DIM] | adaptive:DS:SIZE[:DR] | funnel:D1,D2,...:S1,S2,... (either with "
             "@ANN[:ef=N][:nprobe=N]) | target:METRIC@K:WITHIN")
@@ -85,7 +85,7 @@ class Funnel:
     if any(after > before for before, after in zip(keeps, keeps[1:])):
       raise IndexQueryError(f"Funnel shortlists must not increase from stage to stage, got "
                             f"{list(keeps)}.")
-    if not isinstance(self.shortlist, str) or not _NAME.match(self.shortlist):
+    if not isinstance(self.shortlist, str) or not SHORTLIST_NAME.match(self.shortlist):
       raise IndexQueryError(f"Shortlist {self.shortlist!r} is not 'exact' or an ANN name "
                             "(letters, digits, _ . -).")
     ef = _dim_or_full(self.ef_search, "ef_search")
