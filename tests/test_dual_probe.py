@@ -217,3 +217,21 @@ def test_probe_mode_takes_the_dual_evaluation_settings_from_the_command_line(tmp
                          "zero_shot.max_examples": 10}, saved, str(tmp_path))
   with pytest.raises(probe.ProbeOverrideError, match="--config.model.embed_dim=32"):
     probe.check_overrides({"model.embed_dim": 32}, saved, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_embed_workdir_split_gives_a_dual_encoders_image_embeddings(trained):
+  """The vector index's database from a dual encoder: its image tower on the split, in order."""
+  from mrl_jax.retrieval.workdir_embeddings import embed_workdir_split
+  workdir, config, _ = trained
+  z, labels = embed_workdir_split(workdir, "test[:40]", data_dir=config.data.data_dir,
+                                  batch_size=16)
+  assert z.dtype == np.float32 and z.shape == (40, 64)
+  images, _, _ = _test_pairs(config, 40)
+  model = inference.load(workdir, batch_size=32)
+  np.testing.assert_allclose(z, model.embed_image(images, normalize=False), rtol=1e-4, atol=1e-5)
+  from mrl_jax.data import image_text_pipeline
+  (batch,) = list(image_text_pipeline.make_pair_eval_batches(
+      config.data, global_batch_size=40, split="test[:40]"))
+  assert labels.dtype == np.int64  # mrl_digit_captions is labelled: the labels come along.
+  np.testing.assert_array_equal(labels, batch["label"])
