@@ -125,14 +125,19 @@ def funnel_retrieve(queries: np.ndarray, database: np.ndarray, *,
                     index: Any | None = None) -> np.ndarray:
   """Funnel retrieval (see module doc): database ids [Q, k].
 
-  `index` (an `ann.PrefixIndex` over the dims[0]-prefix) replaces the exact first
-  shortlist with an approximate one; later stages rerank exactly as before.
+  `index` (a `retrieval.ann.AnnShortlist` over the dims[0]-prefix) replaces the exact
+  first shortlist with an approximate one (its default ef_search / nprobe); later stages
+  rerank exactly as before. ValueError if it finds fewer than shortlists[0] candidates
+  for a query (raise its nprobe, or use fewer, larger lists).
   """
   dims, keeps = _stage_plan(dims, shortlists, k, np.shape(database)[1], len(database))
   if index is not None:
     if index.dim != dims[0]:
       raise ValueError(f"The index covers {index.dim} dims but the first stage uses {dims[0]}.")
-    neighbours = index.search(queries, keeps[0])
+    neighbours, _ = index.search(queries, keeps[0])
+    if np.any(neighbours < 0):
+      raise ValueError(f"The approximate shortlist found fewer than {keeps[0]} candidates for "
+                       "some queries: scan more of it (nprobe) or shorten the first shortlist.")
   else:
     neighbours = single_shot(queries, database, dims[0], keeps[0])
   for dim, keep in zip(dims[1:], keeps[1:]):
@@ -145,7 +150,8 @@ def adaptive_retrieve(queries: np.ndarray, database: np.ndarray, *, shortlist_di
                       index: Any | None = None) -> np.ndarray:
   """Shortlist `shortlist_size` with `shortlist_dim`, rerank with `rerank_dim`: ids [Q, k].
 
-  With `index` (an `ann.PrefixIndex` over `shortlist_dim` dims) the shortlist is approximate.
+  With `index` (a `retrieval.ann.AnnShortlist` over `shortlist_dim` dims) the shortlist is
+  approximate.
   """
   return funnel_retrieve(queries, database, dims=(shortlist_dim, rerank_dim),
                          shortlists=(shortlist_size,), k=k, index=index)

@@ -247,7 +247,7 @@ class PrefixStore:
     else:
       dist = self._quantised_distances(q, safe)
     dist[missing] = np.inf
-    return _top_by_distance_then_id(dist, candidates, keep)
+    return sort_by_distance_then_id(dist, candidates, keep)
 
   def _float32_distances(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     faiss = _faiss_or_none()
@@ -420,12 +420,15 @@ def _load_array(directory: str, name: str, shape: tuple[int, ...], dtype: Any,
   return array
 
 
-def _top_by_distance_then_id(dist: np.ndarray, ids: np.ndarray,
+def sort_by_distance_then_id(dist: np.ndarray, ids: np.ndarray,
                              keep: int) -> tuple[np.ndarray, np.ndarray]:
-  """The `keep` smallest (distance, id) pairs per row, ascending; -1 ids (at +inf) last."""
+  """(ids int64, distances float32) [rows, keep]: the `keep` smallest (distance, id) pairs
+  per row, ascending, ties towards the smaller id; -1 ids last (at +inf), and -1 / +inf
+  padding when keep exceeds the row length. Distances below 0 count as 0."""
   # Non-negative float32 bit patterns order as integers, so one int64 key holds the
   # distance in the high word and the id in the low word: one partition and sort.
-  dist = dist + np.float32(0.0)                    # -0.0 -> +0.0
+  # Clamped (expanded-form L2 can round below 0); + 0.0 turns -0.0 into +0.0.
+  dist = np.maximum(np.asarray(dist, np.float32), np.float32(0.0)) + np.float32(0.0)
   bits = dist.view(np.int32).astype(np.int64)
   key = (bits << 32) | (ids & 0xFFFFFFFF)
   key[ids < 0] = np.iinfo(np.int64).max

@@ -1,0 +1,271 @@
+"""Approximate shortlists on a small MRL prefix: faiss HNSW and IVF, and AdANNS IVF.
+
+An `AnnShortlist` holds a faiss structure over the unit-normalised `dim`-prefix of
+every database vector and returns the approximate nearest ids by squared L2
+between unit prefixes; a `PrefixStore` then reranks them with a larger prefix.
+
+  * hnsw: faiss IndexHNSWFlat(dim, hnsw_neighbours), efConstruction as given;
+    searched with efSearch (default max(k, 64)).
+  * ivf:  k-means (faiss.Kmeans, seeded, on a seeded sample of the database) into
+    ivf_lists lists (default about 4 sqrt(N)); a query scans the nprobe (default 16)
+    lists nearest to it. With cluster_dim < dim this is AdANNS-IVF: the centroids
+    are learnt and vectors and queries assigned on the normalised cluster_dim-prefix
+    (a remap-and-renormalise transform in front of the coarse quantizer; normalising
+    the dim-prefix first changes nothing, norms are scale-free), while the lists are
+    scanned at dim.
+faiss ranks by ||q||^2 - 2 q.c + ||c||^2 in float32: among neighbours closer than
+~1e-7 the order is approximate too; results are re-sorted by (distance, id), and
+ids faiss could not fill are -1 at +inf, last. faiss is optional at import time:
+`pip install faiss-cpu` (or a GPU build) to build or load a shortlist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from mrl_jax.retrieval.errors import IndexFileError, IndexNotFoundError, IndexQueryError
+from mrl_jax.retrieval.prefix_store import normalized_prefix, sort_by_distance_then_id
+
+ANN_KINDS = ("hnsw", "ivf")
+FORMAT = "mrl_jax.ann_shortlist"
+FORMAT_VERSION = 1
+DEFAULT_NPROBE = 16
+_TRAIN_POINTS_PER_LIST = 64   # k-means sample: faiss asks for >= 39 points per centroid.
+_KMEANS_ITERATIONS = 20
+
+
+def _faiss():
+  try:
+    import faiss
+  except ImportError as e:
+    raise ImportError("Approximate shortlists need faiss: `pip install faiss-cpu`.") from e
+  return faiss
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnSpec:
+  """What to build: the structure, the prefix it scans, and its build settings."""
+  kind: str
+  dim: int
+  cluster_dim: int | None = None
+  hnsw_neighbours: int = 32
+  ef_construction: int = 40
+  ivf_lists: int | None = None
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.kind not in ANN_KINDS:
+      raise IndexQueryError(f"ANN kind {self.kind!r} is unknown: use one of {ANN_KINDS}.")
+    if int(self.dim) < 1:
+      raise IndexQueryError(f"ANN dim={self.dim} must be at least 1.")
+    if self.cluster_dim is not None:
+      if self.kind != "ivf":
+        raise IndexQueryError("cluster_dim is for kind='ivf' (AdANNS) only: drop it for hnsw.")
+      if not 1 <= int(self.cluster_dim) <= int(self.dim):
+        raise IndexQueryError(f"cluster_dim={self.cluster_dim} must be in [1, dim={self.dim}] "
+                              "(clusters on a prefix of the scanned prefix).")
+    if self.ivf_lists is not None and int(self.ivf_lists) < 1:
+      raise IndexQueryError(f"ivf_lists={self.ivf_lists} must be at least 1.")
+    if self.hnsw_neighbours < 2 or self.ef_construction < 1:
+      raise IndexQueryError("hnsw_neighbours must be >= 2 and ef_construction >= 1.")
+
+  @property
+  def clusters_on(self) -> int:
+    """The prefix the IVF centroids live on (dim for plain IVF)."""
+    return int(self.dim if self.cluster_dim is None else self.cluster_dim)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> AnnSpec:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - fields
+    if unknown:
+      raise IndexQueryError(f"Unknown AnnSpec fields {sorted(unknown)}: use {sorted(fields)}.")
+    return cls(**d)
+
+
+def default_ivf_lists(num_vectors: int) -> int:
+  """About 4 sqrt(N) lists, with at least 39 vectors per list (faiss's k-means minimum)."""
+  return max(1, min(round(4 * math.sqrt(num_vectors)), num_vectors // 39))
+
+
+class AnnShortlist:
+  """A faiss HNSW / IVF structure over the normalised `dim`-prefix of the database."""
+
+  def __init__(self, spec: AnnSpec, index: Any, input_dim: int):
+    self.spec = spec
+    self.dim = int(spec.dim)
+    self.input_dim = int(input_dim)
+    self.index = index          # faiss.IndexHNSWFlat or faiss.IndexIVFFlat (on dim dims)
+
+  @classmethod
+  def build(cls, embeddings: np.ndarray, spec: AnnSpec, *,
+            block_rows: int = 65536) -> AnnShortlist:
+    """Builds on raw [N, d >= spec.dim] embeddings, reading them in row blocks."""
+    faiss = _faiss()
+    if np.ndim(embeddings) != 2 or np.shape(embeddings)[1] < spec.dim:
+      raise IndexQueryError(f"Embeddings of shape {np.shape(embeddings)} are narrower than the "
+                            f"ANN prefix {spec.dim}: use a smaller dim.")
+    n = len(embeddings)
+    if n == 0:
+      raise IndexQueryError("Cannot build an ANN shortlist from 0 embeddings.")
+    if spec.kind == "hnsw":
+      index = faiss.IndexHNSWFlat(spec.dim, spec.hnsw_neighbours)
+      index.hnsw.efConstruction = spec.ef_construction
+    else:
+      index = _trained_ivf(faiss, embeddings, spec)
+    shortlist = cls(spec, index, np.shape(embeddings)[1])
+    for start in range(0, n, max(1, int(block_rows))):
+      shortlist._add_block(embeddings[start:start + block_rows])
+    return shortlist
+
+  def add(self, embeddings: np.ndarray) -> None:
+    """Adds vectors (IVF: assigned to the lists learnt at build)."""
+    if np.ndim(embeddings) != 2 or np.shape(embeddings)[1] < self.dim:
+      raise IndexQueryError(f"Embeddings of shape {np.shape(embeddings)} are narrower than the "
+                            f"ANN prefix {self.dim}.")
+    self._add_block(embeddings)
+
+  def _add_block(self, block: np.ndarray) -> None:
+    x = np.ascontiguousarray(normalized_prefix(block, self.dim), np.float32)
+    if not np.all(np.isfinite(x)):
+      raise IndexQueryError("Embeddings hold NaN or inf values: remove or fix those rows first.")
+    self.index.add(x)
+
+  @property
+  def num_vectors(self) -> int:
+    return int(self.index.ntotal)
+
+  def search(self, queries: np.ndarray, k: int, *, ef_search: int | None = None,
+             nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate top-k: (ids int64 [Q, k], squared L2 float32 [Q, k]) at this prefix."""
+    faiss = _faiss()
+    if np.ndim(queries) != 2 or np.shape(queries)[1] < self.dim:
+      raise IndexQueryError(f"Queries of shape {np.shape(queries)} are narrower than the ANN "
+                            f"prefix {self.dim}.")
+    k = int(k)
+    if k < 1:
+      raise IndexQueryError(f"k={k} must be at least 1.")
+    q = np.ascontiguousarray(normalized_prefix(queries, self.dim), np.float32)
+    dist, ids = self.index.search(q, k, params=self.search_parameters(k, ef_search=ef_search,
+                                                                      nprobe=nprobe))
+    ids = ids.astype(np.int64, copy=False)
+    dist = np.where(ids < 0, np.float32(np.inf), dist).astype(np.float32)
+    return sort_by_distance_then_id(dist, ids, k)
+
+  def search_parameters(self, k: int, *, ef_search: int | None = None,
+                        nprobe: int | None = None) -> Any:
+    """faiss SearchParameters for this structure (efSearch / nprobe with the defaults)."""
+    faiss = _faiss()
+    if self.spec.kind == "hnsw":
+      return faiss.SearchParametersHNSW(efSearch=int(ef_search or max(int(k), 64)))
+    nprobe = int(nprobe or DEFAULT_NPROBE)
+    return faiss.SearchParametersIVF(nprobe=max(1, min(nprobe, self.index.nlist)))
+
+  def base_index(self, input_dim: int | None = None) -> Any:
+    """The same structure behind a remap-and-normalise transform over raw-width queries.
+
+    For faiss.IndexRefine chains (k_factor candidates, then a store's refine_index()).
+    Searching it needs SearchParametersPreTransform(index_params=search_parameters(...))
+    (inside IndexRefineSearchParameters(base_index_params=...); keep each object alive)
+    for another efSearch / nprobe. input_dim defaults to the width built from.
+    """
+    faiss = _faiss()
+    input_dim = self.input_dim if input_dim is None else int(input_dim)
+    if input_dim < self.dim:
+      raise IndexQueryError(f"input_dim={input_dim} is below the ANN prefix {self.dim}.")
+    chain = faiss.IndexPreTransform(self.index)
+    chain.prepend_transform(faiss.NormalizationTransform(self.dim))
+    if input_dim != self.dim:
+      chain.prepend_transform(faiss.RemapDimensionsTransform(input_dim, self.dim, False))
+    return chain
+
+  @property
+  def bytes_per_vector(self) -> float:
+    """Memory per vector: the stored prefix, its graph links or list id, centroids amortised."""
+    n = max(1, self.num_vectors)
+    per = 4.0 * self.dim
+    if self.spec.kind == "hnsw":
+      hnsw = self.index.hnsw
+      links = hnsw.neighbors.size() * 4 + hnsw.offsets.size() * 8 + hnsw.levels.size() * 4
+      return per + links / n
+    return per + 8.0 + 4.0 * self.spec.clusters_on * self.index.nlist / n
+
+  # ---------------------------------------------------------------- files
+  def save(self, directory: str | os.PathLike) -> None:
+    """Writes ann.faiss (faiss.write_index) and ann.json (the spec)."""
+    faiss = _faiss()
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    faiss.write_index(self.index, os.path.join(directory, "ann.faiss"))
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "spec": self.spec.to_dict(),
+            "input_dim": self.input_dim, "num_vectors": self.num_vectors}
+    with open(os.path.join(directory, "ann.json"), "w") as f:
+      json.dump(meta, f, indent=1)
+
+  @classmethod
+  def load(cls, directory: str | os.PathLike) -> AnnShortlist:
+    faiss = _faiss()
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+      raise IndexNotFoundError(f"No ANN shortlist at {directory}: build and save one first.")
+    meta_path = os.path.join(directory, "ann.json")
+    try:
+      with open(meta_path) as f:
+        meta = json.load(f)
+      if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise ValueError("not a version-1 ANN shortlist")
+      spec = AnnSpec.from_dict(meta["spec"])
+      input_dim, n = int(meta["input_dim"]), int(meta["num_vectors"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise IndexFileError(f"{meta_path} is missing or unreadable ({_one_line(e)}): save the "
+                           "shortlist again.") from None
+    path = os.path.join(directory, "ann.faiss")
+    try:
+      index = faiss.read_index(path)
+    except (RuntimeError, OSError) as e:
+      raise IndexFileError(f"{path} is missing or corrupt ({_one_line(e)[:200]}): save the "
+                           "shortlist again.") from None
+    if index.d != spec.dim or index.ntotal != n:
+      raise IndexFileError(f"{path} holds {index.ntotal} vectors of {index.d} dims, ann.json "
+                           f"says {n} of {spec.dim}: save the shortlist again.")
+    return cls(spec, index, input_dim)   # read_index returns the concrete class, owning it.
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split()) or type(error).__name__
+
+
+def _trained_ivf(faiss: Any, embeddings: np.ndarray, spec: AnnSpec) -> Any:
+  """IndexIVFFlat on dim dims whose coarse quantizer clusters the cluster_dim-prefix."""
+  n = len(embeddings)
+  lists = default_ivf_lists(n) if spec.ivf_lists is None else min(int(spec.ivf_lists), n)
+  rng = np.random.default_rng(spec.seed)
+  sample_size = min(n, _TRAIN_POINTS_PER_LIST * lists)
+  rows = np.sort(rng.choice(n, size=sample_size, replace=False))
+  sample = np.ascontiguousarray(normalized_prefix(np.asarray(embeddings[rows]),
+                                                  spec.clusters_on), np.float32)
+  kmeans = faiss.Kmeans(spec.clusters_on, lists, niter=_KMEANS_ITERATIONS, seed=spec.seed,
+                        verbose=False, max_points_per_centroid=_TRAIN_POINTS_PER_LIST)
+  kmeans.train(sample)
+  centroids = faiss.IndexFlatL2(spec.clusters_on)
+  centroids.add(kmeans.centroids)
+  quantizer = centroids
+  if spec.clusters_on != spec.dim:
+    # The IVF hands the quantizer the normalised dim-prefix; its first cluster_dim dims,
+    # renormalised, are the normalised cluster_dim-prefix the centroids were learnt on.
+    quantizer = faiss.IndexPreTransform(centroids)
+    quantizer.prepend_transform(faiss.NormalizationTransform(spec.clusters_on))
+    quantizer.prepend_transform(faiss.RemapDimensionsTransform(spec.dim, spec.clusters_on, False))
+  index = faiss.IndexIVFFlat(quantizer, spec.dim, lists, faiss.METRIC_L2)
+  index.is_trained = True
+  index.referenced_objects = [quantizer, centroids]
+  return index
