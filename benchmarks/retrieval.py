@@ -1,154 +1,996 @@
-"""Funnel and adaptive retrieval against exact full-size search (and faiss flat), one run.
+"""The MRL vector index against exact full-size search and full-size ANN, one run, side by side.
 
-    python benchmarks/retrieval.py [--num_database 1000000 --dim 2048 --num_queries 1000]
+How to run (2-core CPU; the 1M x 2048 run takes about an hour and stays under 20 GB):
 
-The database has nested structure like an MRL embedding: each vector is its
-class centre plus noise, and the centres' scale decays over dimensions
-(scale_j = (j + 1) ** -decay), so leading dims separate classes best. Every
-method searches unit-normalised prefixes by L2. Exact search and the first
-shortlist stage run on prebuilt normalised prefixes on the default JAX device
-(the index a deployment would keep), and reranking gathers candidates from the
-raw database on the same device; faiss flat runs on the CPU. Reports
-mAP@10, top-1 (label of the first hit), recall of the exact full-size top-10,
-multiply-adds per query and median wall time, with ratios to exact search.
+    # (a) the synthetic nested database, generated into --scratch (kept and reused there)
+    python benchmarks/retrieval.py --num_database 1000000 --dim 2048 --num_queries 1000 \
+        --scratch /tmp/retrieval_scratch --out results/retrieval_synthetic_1m.json
+    python benchmarks/retrieval.py --calibrate ...    # first search the noise level (below)
+    # (b)/(c) any user's embeddings (memory-mapped .npy; labels optional: then recall only)
+    python benchmarks/retrieval.py --database DB.npy --database_labels L.npy \
+        --queries Q.npy --query_labels QL.npy --name trained_model --out FILE.json
+    # quick look: --num_database 200000 --methods exact,mrl --shortlist_sizes 100,200,400
+
+Databases. (a) Each vector is its class centre plus noise, both scaled by
+scale_j = (j + 1) ** -decay, so every dim has the same signal-to-noise ratio but the
+leading dims carry most of the norm: a prefix of m dims holds about
+(sum_j<m scale_j^2)^2 / sum_j<m scale_j^4 dims' worth of evidence, which grows slowly
+with m, so small prefixes separate classes worse than the full size (as in a trained
+MRL embedding). `noise` sets how hard the task is; `--calibrate` bisects it on a
+subsample (--calibrate_rows, same classes) until exact full-size mAP@10 reaches
+--target_map, and the run uses that value (the subsample's prefix mAPs are printed
+and kept in the JSON). The database is written straight into a float32 .npy in row
+blocks; it is never in memory at once except where a method needs it.
+
+Protocol. The queries are split (seeded) into a tuning half and a reported half.
+Every method's settings (ef_search, nprobe, leaves / reorder, the MRL plan) are
+chosen on the tuning half only: the fastest setting whose tuning mAP@10 (recall of
+the exact full-size top-10 without labels) is at least --bar (0.99) times exact
+full-size search's; then it is measured on the reported half alone (median of
+--repeats batched runs after a warm-up). The best MRL plan is the fastest MRL plan
+that met the bar on the tuning half; the best full-size ANN likewise among
+faiss HNSW / IVF / ScaNN.
+
+Methods (one at a time, each freed before the next; peak RSS in the JSON):
+  exact         normalised float32 copy in RAM, blocked BLAS matmul + top-k (numpy);
+  faiss_flat    faiss IndexFlatIP on the normalised vectors;
+  faiss_hnsw    faiss IndexHNSWFlat(d, 32) at full size, efConstruction 40, efSearch tuned;
+  faiss_ivf     faiss IndexIVFFlat at full size, about 4 sqrt(N) lists (k-means 10
+                iterations on 40 points per list), nprobe tuned;
+  scann         ScaNN (if `import scann` works; optional): tree (about sqrt(N) leaves),
+                asymmetric hashing (2 dims per 4-bit code), exact reorder; leaves and
+                reorder size tuned;
+  mrl           `mrl_jax.retrieval.Index` with --mrl_stores / --mrl_ann; adaptive and
+                funnel plans with exact and ANN shortlists (the grid below).
+A baseline whose build would pass --max_build_s (900 s) is built on the largest
+prefix of the database rows that fits: HNSW adds row blocks until the next would
+pass the budget; IVF and ScaNN time a pilot build on 50k rows and scale it as
+n^1.5 (k-means over ~sqrt(n) lists). Such a row says "built on n of N": its
+queries/s is measured on the smaller database (flattering it), and its mAP@10 and
+recall are against exact search over those same n rows (the bar too), so they show
+how close it gets to exact on its own database, not a full-database result.
+
+Cost per query (MFLOPs = 1e6 multiply-adds of distance dot products): exact N*d;
+HNSW / IVF / ScaNN from the distance evaluations faiss counts (hnsw_stats,
+indexIVF_stats) times d plus the coarse centroids; ScaNN leaves*d + the searched
+leaves' rows * d/2 lookups + reorder*d; MRL `plans.plan_flops` plus its ANN's counted
+distances.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
+import math
+import os
+import platform
+import resource
+import shutil
 import statistics
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax.evaluation import funnel, knn, retrieval
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+K = 10
+FAMILIES = ("exact", "full_dim_ann", "mrl")
+ALL_METHODS = ("exact", "faiss_flat", "faiss_hnsw", "faiss_ivf", "scann", "mrl")
+_READ_BLOCK_BYTES = 1 << 26   # Rows read from the database file per block (64 MiB).
+_SCAN_BLOCK_ROWS = 32768      # Database rows per matmul block of exact search.
+_PILOT_ROWS = 50_000          # Pilot build size of the IVF / ScaNN build-time estimate.
+_NORM_EPS = 1e-12             # As evaluation.knn.l2_normalize.
+GENERATE_ROWS = 8192          # Synthetic rows per seeded random stream (and per write).
 
 
-def make_nested_data(num_database: int, num_queries: int, dim: int, classes: int, decay: float,
-                     noise: float, seed: int = 0):
-  key_centres, key_db, key_q, key_labels = jax.random.split(jax.random.key(seed), 4)
-  scale = (jnp.arange(dim) + 1.0) ** -decay
-  centres = jax.random.normal(key_centres, (classes, dim)) * scale
-  db_labels = np.arange(num_database) % classes
-  q_labels = np.asarray(jax.random.randint(key_labels, (num_queries,), 0, classes))
-
-  @jax.jit
-  def points(key, labels):
-    return centres[labels] + noise * scale * jax.random.normal(key, (labels.shape[0], dim))
-
-  chunk = 65536
-  database = np.empty((num_database, dim), np.float32)
-  for i, start in enumerate(range(0, num_database, chunk)):
-    labels = jnp.asarray(db_labels[start:start + chunk])
-    database[start:start + chunk] = np.asarray(points(jax.random.fold_in(key_db, i), labels))
-  queries = np.asarray(points(key_q, jnp.asarray(q_labels)))
-  return database, db_labels, queries, q_labels
+def log(*args: Any) -> None:
+  print(*args, flush=True)
 
 
-def timed(fn, repeats: int):
-  fn()  # compile and warm caches
-  times, out = [], None
-  for _ in range(repeats):
+def peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB.
+
+
+def normalized(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, np.float32)
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(_NORM_EPS))
+
+
+# --- Databases ----------------------------------------------------------------------------
+
+class NpyRows:
+  """Row blocks of a 2-D .npy file read with plain reads (no mmap: pages do not stay resident)."""
+
+  def __init__(self, path: str, block_rows: int = 0):
+    self.path = path
+    with open(path, "rb") as f:
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, fortran, dtype = read_header(f)
+      self.offset = f.tell()
+    if len(shape) != 2 or fortran or dtype.kind not in "fi":
+      raise SystemExit(f"error: {path} must hold a 2-D C-order float array, got shape {shape} "
+                       f"{dtype}{' (Fortran order)' if fortran else ''}.")
+    self.shape, self.dtype = tuple(int(s) for s in shape), dtype
+    self.block_rows = block_rows or max(1, _READ_BLOCK_BYTES // (self.shape[1] * 4))
+
+  def read(self, start: int, stop: int) -> np.ndarray:
+    stop = min(stop, self.shape[0])
+    count = (stop - start) * self.shape[1]
+    x = np.fromfile(self.path, self.dtype, count=count,
+                    offset=self.offset + start * self.shape[1] * self.dtype.itemsize)
+    return x.reshape(stop - start, self.shape[1]).astype(np.float32, copy=False)
+
+  def blocks(self, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    stop = self.shape[0] if stop is None else min(stop, self.shape[0])
+    for start in range(0, stop, self.block_rows):
+      yield start, self.read(start, min(start + self.block_rows, stop))
+
+  def normalized_rows(self, stop: int | None = None) -> np.ndarray:
+    stop = self.shape[0] if stop is None else min(stop, self.shape[0])
+    out = np.empty((stop, self.shape[1]), np.float32)
+    for start, block in self.blocks(stop):
+      out[start:start + len(block)] = normalized(block)
+    return out
+
+  def memmap(self) -> np.memmap:
+    return np.load(self.path, mmap_mode="r")
+
+
+@dataclasses.dataclass
+class Database:
+  name: str
+  rows: NpyRows
+  labels: np.ndarray | None       # [N] int64 or None
+  queries: np.ndarray             # [Q, d] float32, raw
+  query_labels: np.ndarray | None
+  info: dict[str, Any]
+
+  @property
+  def num(self) -> int:
+    return self.rows.shape[0]
+
+  @property
+  def dim(self) -> int:
+    return self.rows.shape[1]
+
+
+def _scale(dim: int, decay: float) -> np.ndarray:
+  return ((np.arange(dim, dtype=np.float64) + 1.0) ** -decay).astype(np.float32)
+
+
+def _centres(classes: int, dim: int, decay: float, seed: int) -> np.ndarray:
+  rng = np.random.default_rng([seed, 0])
+  return rng.standard_normal((classes, dim), np.float32) * _scale(dim, decay)
+
+
+def synthetic_block(centres: np.ndarray, labels: np.ndarray, noise: float, decay: float,
+                    seed: int, stream: int, block: int) -> np.ndarray:
+  """centre[label] + noise * scale * N(0, 1), from its own seeded stream per block."""
+  rng = np.random.default_rng([seed, stream, block])
+  eps = rng.standard_normal((len(labels), centres.shape[1]), np.float32)
+  eps *= np.float32(noise) * _scale(centres.shape[1], decay)
+  eps += centres[labels]
+  return eps
+
+
+def synthetic_labels(num_database: int, num_queries: int, classes: int,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+  db_labels = np.arange(num_database, dtype=np.int64) % classes  # Every class in any row range.
+  q_labels = np.random.default_rng([seed, 3]).integers(0, classes, num_queries).astype(np.int64)
+  return db_labels, q_labels
+
+
+def write_synthetic(path: str, num_database: int, dim: int, classes: int, decay: float,
+                    noise: float, seed: int) -> None:
+  """Writes the database .npy chunk by chunk (one chunk in memory; each its own seeded stream,
+  so the data does not depend on how it is later read)."""
+  centres = _centres(classes, dim, decay, seed)
+  db_labels, _ = synthetic_labels(num_database, 1, classes, seed)
+  tmp = path + ".partial"
+  with open(tmp, "wb") as f:
+    np.lib.format.write_array_header_2_0(
+        f, {"descr": "<f4", "fortran_order": False, "shape": (num_database, dim)})
+    for i, start in enumerate(range(0, num_database, GENERATE_ROWS)):
+      labels = db_labels[start:start + GENERATE_ROWS]
+      synthetic_block(centres, labels, noise, decay, seed, 1, i).tofile(f)
+  os.replace(tmp, path)
+
+
+def synthetic_database(args: argparse.Namespace, scratch: str) -> Database:
+  params = {"num_database": args.num_database, "dim": args.dim, "num_queries": args.num_queries,
+            "classes": args.classes, "decay": args.decay, "noise": args.noise, "seed": args.seed}
+  stem = os.path.join(scratch, "synthetic_{num_database}x{dim}_c{classes}_d{decay:g}_n{noise:.6g}"
+                      "_s{seed}".format(**params))
+  path = stem + ".npy"
+  if os.path.exists(path):
+    log(f"Reusing the synthetic database {path}.")
+  else:
     start = time.perf_counter()
-    out = jax.block_until_ready(fn())
+    write_synthetic(path, args.num_database, args.dim, args.classes, args.decay, args.noise,
+                    args.seed)
+    log(f"Wrote the synthetic database {path} in {time.perf_counter() - start:.1f} s.")
+  db_labels, q_labels = synthetic_labels(args.num_database, args.num_queries, args.classes,
+                                         args.seed)
+  centres = _centres(args.classes, args.dim, args.decay, args.seed)
+  queries = synthetic_block(centres, q_labels, args.noise, args.decay, args.seed, 2, 0)
+  return Database(args.name or "synthetic", NpyRows(path, args.block_rows), db_labels, queries,
+                  q_labels,
+                  {"kind": "synthetic", "path": path, **params,
+                   "model": "x = c[label] + noise * scale * N(0, I), c ~ scale * N(0, I), "
+                            "scale_j = (j + 1) ** -decay; database labels i % classes"})
+
+
+def _load_labels(path: str | None, rows: int, what: str) -> np.ndarray | None:
+  if not path:
+    return None
+  labels = np.load(path, mmap_mode="r")
+  if labels.ndim != 1 or len(labels) != rows or labels.dtype.kind not in "iu":
+    raise SystemExit(f"error: {what} {path} must be 1-D integers with {rows} entries, got "
+                     f"shape {labels.shape} {labels.dtype}.")
+  return np.asarray(labels, np.int64)
+
+
+def file_database(args: argparse.Namespace) -> Database:
+  rows = NpyRows(args.database, args.block_rows)
+  queries = np.load(args.queries, mmap_mode="r")
+  if queries.ndim != 2 or queries.shape[1] != rows.shape[1]:
+    raise SystemExit(f"error: --queries {args.queries} must be [Q, {rows.shape[1]}], got "
+                     f"{queries.shape}.")
+  db_labels = _load_labels(args.database_labels, rows.shape[0], "--database_labels")
+  q_labels = _load_labels(args.query_labels, len(queries), "--query_labels")
+  if (db_labels is None) != (q_labels is None):
+    raise SystemExit("error: give both --database_labels and --query_labels, or neither.")
+  return Database(args.name or os.path.splitext(os.path.basename(args.database))[0], rows,
+                  db_labels, np.asarray(queries, np.float32), q_labels,
+                  {"kind": "files", "database": args.database, "queries": args.queries,
+                   "database_labels": args.database_labels, "query_labels": args.query_labels})
+
+
+# --- Metrics and exact search -------------------------------------------------------------
+
+def quality(ids: np.ndarray, query_labels: np.ndarray | None, db_labels: np.ndarray | None,
+            exact_ids: np.ndarray) -> dict[str, float]:
+  """mAP@10 / precision@10 by label (official definitions) and recall of the exact top-10."""
+  from mrl_jax.evaluation.retrieval import retrieval_metrics
+  ids = np.asarray(ids)[:, :K]
+  hits = (ids[:, :, None] == exact_ids[:, None, :K]) & (ids[:, :, None] >= 0)
+  out = {"recall_exact@10": float(hits.any(-1).sum(1).mean() / K)}
+  if query_labels is not None:
+    labels = np.where(ids >= 0, db_labels[np.clip(ids, 0, None)], -1)
+    metrics = retrieval_metrics(labels, query_labels, db_labels, (K,))
+    out.update({"map@10": metrics["map@10"], "precision@10": metrics["precision@10"]})
+  return out
+
+
+def exact_top_k(queries_norm: np.ndarray, blocks: Iterator[tuple[int, np.ndarray]],
+                k: int) -> np.ndarray:
+  """Ids [Q, k] of the largest inner products (= smallest squared L2 between unit vectors)."""
+  num = len(queries_norm)
+  best_s = np.full((num, k), -np.inf, np.float32)
+  best_i = np.full((num, k), -1, np.int64)
+  for start, block in blocks:
+    scores = queries_norm @ block.T
+    kk = min(k, scores.shape[1])
+    part = np.argpartition(scores, scores.shape[1] - kk, axis=1)[:, -kk:]
+    cat_s = np.concatenate([best_s, np.take_along_axis(scores, part, 1)], 1)
+    cat_i = np.concatenate([best_i, part + start], 1)
+    order = np.lexsort((cat_i, -cat_s), axis=1)[:, :k]  # Ties go to the smaller id.
+    best_s, best_i = np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_i, order, 1)
+  return best_i
+
+
+def in_memory_blocks(x: np.ndarray, rows: int = _SCAN_BLOCK_ROWS):
+  return ((start, x[start:start + rows]) for start in range(0, len(x), rows))
+
+
+def file_blocks_normalized(rows: NpyRows, stop: int):
+  return ((start, normalized(block)) for start, block in rows.blocks(stop))
+
+
+# --- Timing and tuning --------------------------------------------------------------------
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
+  """(result, median seconds of `repeats` calls) after one warm-up call."""
+  out = fn()
+  times = []
+  for _ in range(max(1, repeats)):
+    start = time.perf_counter()
+    out = fn()
     times.append(time.perf_counter() - start)
   return out, statistics.median(times)
 
 
-def normalized_on_device(x: np.ndarray, dim: int) -> jax.Array:
-  out = []
-  for start in range(0, len(x), 65536):  # bounded host->device copies
-    out.append(knn.l2_normalize(jnp.asarray(x[start:start + 65536, :dim])))
-  return jnp.concatenate(out)
+@dataclasses.dataclass
+class Candidate:
+  """One setting of a method: what it is, how to search the given queries, its costs."""
+  setting: dict[str, Any]
+  search: Callable[[np.ndarray], np.ndarray]              # raw queries -> ids [Q, >= K]
+  cost: Callable[[np.ndarray], tuple[float, float]]       # raw queries -> (mflops/q, bytes/vector)
 
 
-def run(args) -> dict:
-  database, db_labels, queries, q_labels = make_nested_data(
-      args.num_database, args.num_queries, args.dim, args.classes, args.decay, args.noise)
-  k, full, m = 10, args.dim, args.num_database
-  funnel_dims = [d for d in (16, 32, 64, 128, 256) if d < full] + [full]
-  shortlists = [200, 100, 50, 25, 10][:len(funnel_dims) - 1]
-  db_raw = jnp.asarray(database)  # reranking gathers candidates from it on the device
-  db_full = normalized_on_device(database, full)
-  db_small = normalized_on_device(database, 16)
-  q_full = knn.l2_normalize(jnp.asarray(queries))
-  q_small = knn.l2_normalize(jnp.asarray(queries[:, :16]))
+class Tuner:
+  """Picks, on the tuning queries, the fastest candidate that meets the bar."""
 
-  def exact():
-    return knn.knn_search(np.asarray(q_full), db_full, k)[1]
+  def __init__(self, queries: np.ndarray, query_labels: np.ndarray | None,
+               db_labels: np.ndarray | None, exact_ids: np.ndarray, bar: float, repeats: int):
+    self.queries, self.query_labels, self.db_labels = queries, query_labels, db_labels
+    self.exact_ids, self.bar, self.repeats = exact_ids, bar, repeats
+    self.metric = "map@10" if query_labels is not None else "recall_exact@10"
 
-  def shortlist(size):
-    return knn.knn_search(np.asarray(q_small), db_small, size)[1]
+  def measure(self, candidate: Candidate) -> dict[str, Any]:
+    ids, seconds = timed(lambda: candidate.search(self.queries), self.repeats)
+    metrics = quality(ids, self.query_labels, self.db_labels, self.exact_ids)
+    return {"setting": candidate.setting, "queries_per_s": len(self.queries) / seconds,
+            **metrics, "met_bar": metrics[self.metric] >= self.bar}
 
-  def adaptive():
-    return funnel.rerank(queries, db_raw, shortlist(200), full, k)
+  def tune(self, chains: Sequence[Sequence[Candidate]]) -> tuple[Candidate, dict, list[dict]]:
+    """Each chain is ordered by cost: it is walked until a candidate meets the bar, or is
+    slower than the best one so far that met it (the rest of the chain can only be slower)."""
+    log_rows, best, best_row, fallback, fallback_row = [], None, None, None, None
+    for chain in chains:
+      for candidate in chain:
+        row = self.measure(candidate)
+        log_rows.append(row)
+        log(f"    tune {json.dumps(candidate.setting)}: {self.metric} {row[self.metric]:.4f} "
+            f"(bar {self.bar:.4f}), {row['queries_per_s']:.0f} q/s")
+        if row["met_bar"]:
+          if best_row is None or row["queries_per_s"] > best_row["queries_per_s"]:
+            best, best_row = candidate, row
+          break
+        if fallback_row is None or (row[self.metric], row["queries_per_s"]) > (
+            fallback_row[self.metric], fallback_row["queries_per_s"]):
+          fallback, fallback_row = candidate, row
+        if best_row is not None and row["queries_per_s"] < best_row["queries_per_s"]:
+          break
+    if best is None:
+      return fallback, fallback_row, log_rows
+    return best, best_row, log_rows
 
-  def funnel_search():
-    candidates = shortlist(shortlists[0])
-    for d, keep in zip(funnel_dims[1:], shortlists[1:] + [k]):
-      candidates = funnel.rerank(queries, db_raw, candidates, d, keep)
-    return candidates
 
-  methods = {"exact_full": (exact, m * full),
-             "adaptive_16_to_full": (adaptive, funnel.adaptive_flops(m, 16, full, 200)),
-             "funnel": (funnel_search, funnel.funnel_flops(m, funnel_dims, shortlists + [k]))}
+# --- Methods ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Built:
+  """A built method: its candidates (in chains), build time and rows it holds."""
+  family: str
+  chains: list[list[Candidate]]
+  build_s: float
+  built_rows: int
+  notes: str = ""
+  release: Callable[[], None] = lambda: None
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _faiss():
+  import faiss
+  return faiss
+
+
+def _faiss_queries(queries: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(normalized(queries))
+
+
+def build_exact(db: Database, args: argparse.Namespace, rows: int) -> Built:
+  start = time.perf_counter()
+  vectors = db.rows.normalized_rows(rows)
+  build_s = time.perf_counter() - start
+  d = db.dim
+
+  def search(q):
+    return exact_top_k(normalized(q), in_memory_blocks(vectors), K)
+  cand = Candidate({}, search, lambda q: (len(vectors) * d / 1e6, 4.0 * d))
+  return Built("exact", [[cand]], build_s, len(vectors), extra={"vectors": vectors})
+
+
+def build_faiss_flat(db: Database, args: argparse.Namespace, rows: int) -> Built:
+  faiss = _faiss()
+  start = time.perf_counter()
+  index = faiss.IndexFlatIP(db.dim)
+  for _, block in db.rows.blocks(rows):
+    index.add(normalized(block))
+  build_s = time.perf_counter() - start
+  cand = Candidate({}, lambda q: index.search(_faiss_queries(q), K)[1],
+                   lambda q: (index.ntotal * db.dim / 1e6, 4.0 * db.dim))
+  return Built("exact", [[cand]], build_s, index.ntotal, release=index.reset)
+
+
+def _hnsw_ndis_cost(index, dim: int, search: Callable[[np.ndarray], Any],
+                    q: np.ndarray) -> float:
+  faiss = _faiss()
+  faiss.cvar.hnsw_stats.reset()
+  search(q)
+  return faiss.cvar.hnsw_stats.ndis * dim / len(q) / 1e6
+
+
+def build_faiss_hnsw(db: Database, args: argparse.Namespace, rows: int) -> Built:
+  faiss = _faiss()
+  index = faiss.IndexHNSWFlat(db.dim, args.hnsw_neighbours)
+  index.hnsw.efConstruction = args.ef_construction
+  start, last = time.perf_counter(), 0.0
+  for block_start, block in db.rows.blocks(rows):
+    if block_start and time.perf_counter() - start + 1.05 * last > args.max_build_s:
+      break  # The next block would pass the budget: keep the rows added so far.
+    t = time.perf_counter()
+    index.add(normalized(block))
+    last = time.perf_counter() - t
+  build_s = time.perf_counter() - start
+  d = db.dim
+
+  def bytes_per_vector() -> float:
+    return 4.0 * d + 4.0 * index.hnsw.neighbors.size() / index.ntotal
+
+  chains = []
+  for ef in args.ef_search:
+    def search(q, ef=ef):
+      index.hnsw.efSearch = ef
+      return index.search(_faiss_queries(q), K)[1]
+    chains.append(Candidate({"ef_search": ef}, search,
+                            lambda q, s=search: (_hnsw_ndis_cost(index, d, s, q),
+                                                 bytes_per_vector())))
+  return Built("full_dim_ann", [chains], build_s, index.ntotal, release=index.reset,
+               extra={"hnsw_neighbours": args.hnsw_neighbours,
+                      "ef_construction": args.ef_construction})
+
+
+def _largest_rows_within(budget_s: float, total: int, pilot_s: float, pilot_rows: int,
+                         exponent: float) -> int:
+  if pilot_rows >= total or pilot_s * (total / pilot_rows) ** exponent <= budget_s:
+    return total
+  return max(pilot_rows, int(pilot_rows * (budget_s / pilot_s) ** (1 / exponent)))
+
+
+def _ivf_lists(rows: int) -> int:
+  return max(1, min(int(round(4 * math.sqrt(rows))), rows // 40))
+
+
+def _make_ivf(db: Database, rows: int, seed: int):
+  faiss = _faiss()
+  lists = _ivf_lists(rows)
+  index = faiss.IndexIVFFlat(faiss.IndexFlatL2(db.dim), db.dim, lists)
+  index.cp.niter, index.cp.seed = 10, seed
+  sample_ids = np.sort(np.random.default_rng(seed).choice(rows, min(rows, 40 * lists),
+                                                          replace=False))
+  memmap = db.rows.memmap()
+  index.train(normalized(memmap[sample_ids]))
+  del memmap
+  for _, block in db.rows.blocks(rows):
+    index.add(normalized(block))
+  return index
+
+
+def _pilot_rows(db: Database, args: argparse.Namespace, build: Callable[[int], Any],
+                exponent: float) -> tuple[int, str]:
+  """Rows that fit the build budget (a timed pilot build on _PILOT_ROWS, scaled as n^exponent)."""
+  total = db.num
+  if total <= _PILOT_ROWS:
+    return total, ""
+  start = time.perf_counter()
+  pilot = build(_PILOT_ROWS)
+  pilot_s = time.perf_counter() - start
+  del pilot
+  gc.collect()
+  rows = _largest_rows_within(args.max_build_s, total, pilot_s, _PILOT_ROWS, exponent)
+  note = (f"pilot build on {_PILOT_ROWS:,} rows took {pilot_s:.1f} s; scaled as n^{exponent:g} "
+          f"the full build would take {pilot_s * (total / _PILOT_ROWS) ** exponent:.0f} s")
+  log(f"    {note}")
+  return rows, note
+
+
+def build_faiss_ivf(db: Database, args: argparse.Namespace, rows: int) -> Built:
+  faiss = _faiss()
+  rows, note = _pilot_rows(db, args, lambda n: _make_ivf(db, n, args.seed), 1.5)
+  start = time.perf_counter()
+  index = _make_ivf(db, rows, args.seed)
+  build_s = time.perf_counter() - start
+  d, lists = db.dim, index.nlist
+
+  def cost(q, search):
+    faiss.cvar.indexIVF_stats.reset()
+    search(q)
+    return ((faiss.cvar.indexIVF_stats.ndis / len(q) + lists) * d / 1e6,
+            4.0 * d + 8.0 + 4.0 * d * lists / index.ntotal)
+
+  chain = []
+  for nprobe in [p for p in args.nprobe if p <= lists] or [lists]:
+    def search(q, nprobe=nprobe):
+      index.nprobe = nprobe
+      return index.search(_faiss_queries(q), K)[1]
+    chain.append(Candidate({"nprobe": nprobe, "lists": lists}, search,
+                           lambda q, s=search: cost(q, s)))
+  return Built("full_dim_ann", [chain], build_s, index.ntotal, notes=note, release=index.reset,
+               extra={"lists": lists, "kmeans_iterations": 10})
+
+
+def _scann_build(db: Database, rows: int, seed: int):
+  import scann
+  vectors = db.rows.normalized_rows(rows)
+  leaves = max(2, int(round(math.sqrt(rows))))
+  searcher = (scann.scann_ops_pybind.builder(vectors, K, "dot_product")
+              .tree(num_leaves=leaves, num_leaves_to_search=max(1, leaves // 20),
+                    training_sample_size=min(rows, 250_000))
+              .score_ah(2, anisotropic_quantization_threshold=0.2)
+              .reorder(max(200, K)).build())
+  del vectors
+  return searcher, leaves
+
+
+def build_scann(db: Database, args: argparse.Namespace, rows: int) -> Built:
+  rows, note = _pilot_rows(db, args, lambda n: _scann_build(db, n, args.seed), 1.5)
+  start = time.perf_counter()
+  searcher, leaves = _scann_build(db, rows, args.seed)
+  build_s = time.perf_counter() - start
+  d = db.dim
+  chains = []
+  for reorder in args.scann_reorder:
+    chain = []
+    for fraction in args.scann_leaves:
+      to_search = max(1, min(leaves, int(round(leaves * fraction))))
+      def search(q, to_search=to_search, reorder=reorder):
+        ids, _ = searcher.search_batched_parallel(
+            _faiss_queries(q), final_num_neighbors=K, leaves_to_search=to_search,
+            pre_reorder_num_neighbors=reorder)
+        return np.asarray(ids, np.int64)
+      mflops = (leaves * d + rows * to_search / leaves * d / 2 + reorder * d) / 1e6
+      chain.append(Candidate({"leaves_to_search": to_search, "leaves": leaves,
+                              "reorder": reorder}, search,
+                             lambda q, m=mflops: (m, 4.0 * d + d / 4 + 4.0)))
+    chains.append(chain)
+  return Built("full_dim_ann", chains, build_s, rows, notes=note, release=lambda: None)
+
+
+def _parse_stores(text: str, full: int) -> dict[int, str]:
+  stores = {}
+  for item in text.split(","):
+    dim, _, dtype = item.partition(":")
+    dim = full if dim == "full" else int(dim)
+    if dim <= full:
+      stores[dim] = dtype or "float32"
+  return stores
+
+
+def _parse_ann(text: str, full: int):
+  from mrl_jax.retrieval.ann import AnnSpec
+  specs = {}
+  for item in filter(None, text.split(",")):
+    name, _, body = item.partition("=")
+    kind, dim, *cluster = body.split(":")
+    if int(dim) <= full:
+      specs[name] = AnnSpec(kind, int(dim), cluster_dim=int(cluster[0]) if cluster else None,
+                            hnsw_neighbours=32, ef_construction=40)
+  return specs
+
+
+def mrl_plans(full: int, num: int, store_dims: Sequence[int], ann: dict[str, Any],
+              args: argparse.Namespace) -> list[tuple[str, list[Any]]]:
+  """(family, chains of plans) for the MRL index: adaptive and funnel plans, each with an
+  exact shortlist at each --shortlist_dims store and with every ANN; chains grow in cost."""
+  from mrl_jax.retrieval.plans import Adaptive, Funnel
+  sizes = [s for s in args.shortlist_sizes if K <= s <= num]
+  below = sorted(d for d in store_dims if d < full)
+
+  def funnel_dims(first: int) -> tuple[int, ...]:
+    return (first, *[d for d in below if d > first], full)
+
+  def funnel_keeps(size: int, stages: int) -> tuple[int, ...]:
+    return tuple(max(K, size >> i) for i in range(stages))
+
+  families = []
+  for ds in [d for d in args.shortlist_dims if d in below]:
+    families.append((f"adaptive_exact{ds}", [[Adaptive(ds, s, full) for s in sizes]]))
+    dims = funnel_dims(ds)
+    if len(dims) > 2:
+      families.append((f"funnel_exact{ds}", [[Funnel(dims, funnel_keeps(s, len(dims) - 1))
+                                              for s in sizes]]))
+  for name, spec in ann.items():
+    if spec.dim >= full:
+      continue
+    knobs = ([("ef_search", ef) for ef in args.ef_search] if spec.kind == "hnsw"
+             else [("nprobe", p) for p in args.nprobe])
+    dims = funnel_dims(spec.dim)
+    for structure in ("adaptive", "funnel"):
+      if structure == "funnel" and len(dims) <= 2:
+        continue
+      chains = []
+      for s in sizes:
+        chain = []
+        # HNSW returns at most efSearch candidates: efSearch below the shortlist becomes it.
+        for key, value in dict.fromkeys((key, max(value, s) if key == "ef_search" else value)
+                                        for key, value in knobs):
+          options = {"shortlist": name, key: value}
+          chain.append(Adaptive(spec.dim, s, full, **options) if structure == "adaptive" else
+                       Funnel(dims, funnel_keeps(s, len(dims) - 1), **options))
+        chains.append(chain)
+      families.append((f"{structure}_{name}", chains))
+  return families
+
+
+def _ann_mflops(index, plan, queries: np.ndarray, ann: dict[str, Any], num: int) -> float:
+  """Distances the plan's ANN shortlist computes per query (faiss counters) times its dims."""
+  if plan.shortlist == "exact":
+    return 0.0
+  faiss = _faiss()
+  spec = ann[plan.shortlist]
+  faiss.cvar.hnsw_stats.reset()
+  faiss.cvar.indexIVF_stats.reset()
+  index.search(queries, K, plan)
+  if spec.kind == "hnsw":
+    return faiss.cvar.hnsw_stats.ndis * spec.dim / len(queries) / 1e6
+  lists = spec.ivf_lists or int(round(4 * math.sqrt(num)))
+  return (faiss.cvar.indexIVF_stats.ndis / len(queries) * spec.dim
+          + lists * (spec.cluster_dim or spec.dim)) / 1e6
+
+
+def build_mrl(db: Database, args: argparse.Namespace, rows: int) -> Built:
+  from mrl_jax.retrieval.index import Index
+  from mrl_jax.retrieval.plans import plan_flops, plan_name
+  full = db.dim
+  stores = _parse_stores(args.mrl_stores, full)
+  ann = _parse_ann(args.mrl_ann, full)
+  memmap = db.rows.memmap()
+  start = time.perf_counter()
+  index = Index.build(memmap[:rows], stores=stores, ann=ann)
+  build_s = time.perf_counter() - start
+  del memmap
+  gc.collect()
+  families = mrl_plans(full, rows, sorted(stores), ann, args)
+  chains, family_of = [], {}
+  for family, family_chains in families:
+    for chain in family_chains:
+      out = []
+      for plan in chain:
+        text = plan_name(plan)
+        family_of[text] = family
+
+        def cost(q, plan=plan):
+          return ((plan_flops(plan, rows, full) / 1e6 + _ann_mflops(index, plan, q, ann, rows)),
+                  float(index.bytes_per_vector(plan)))
+        out.append(Candidate({"plan": text, "family": family},
+                             lambda q, plan=plan: index.search(q, K, plan)[0], cost))
+      chains.append(out)
+  return Built("mrl", chains, build_s, rows, release=lambda: None,
+               extra={"stores": {str(d): t for d, t in stores.items()},
+                      "ann": {name: dataclasses.asdict(spec) for name, spec in ann.items()},
+                      "bytes_per_vector_index": float(index.bytes_per_vector())})
+
+
+BUILDERS = {"exact": build_exact, "faiss_flat": build_faiss_flat, "faiss_hnsw": build_faiss_hnsw,
+            "faiss_ivf": build_faiss_ivf, "scann": build_scann, "mrl": build_mrl}
+
+
+def scann_available() -> bool:
   try:
-    import faiss
-    index = faiss.IndexFlatL2(full)
-    index.add(np.asarray(db_full))
-    methods["faiss_flat_full"] = (lambda: index.search(np.asarray(q_full), k)[1], m * full)
-  except ImportError:
-    print("faiss is not installed: skipping the faiss flat baseline.")
-
-  results = {"num_database": m, "dim": full, "num_queries": args.num_queries,
-             "device": jax.devices()[0].device_kind, "funnel_dims": funnel_dims,
-             "funnel_shortlists": shortlists + [k]}
-  exact_ids = None
-  for name, (fn, macs) in methods.items():
-    ids, seconds = timed(fn, args.repeats)
-    ids = np.asarray(ids)
-    if exact_ids is None:
-      exact_ids = ids
-    metrics = retrieval.retrieval_metrics(db_labels[ids], q_labels, db_labels, (k,))
-    results[name] = {
-        "map@10": metrics["map@10"], "top1": float(np.mean(db_labels[ids[:, 0]] == q_labels)),
-        "recall_of_exact@10": float(np.mean([len(set(a) & set(b)) / k
-                                             for a, b in zip(ids, exact_ids)])),
-        "mflops_per_query": macs / 1e6, "seconds": seconds}
-  base = results["exact_full"]
-  for name in methods:
-    results[name]["flop_ratio_vs_exact"] = base["mflops_per_query"] / results[name]["mflops_per_query"]
-    results[name]["speedup_vs_exact"] = base["seconds"] / results[name]["seconds"]
-  return results
+    import scann  # noqa: F401
+  except Exception:  # noqa: BLE001  (any broken install: the optional baseline is skipped)
+    return False
+  return True
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--num_database", type=int, default=1_000_000)
-  parser.add_argument("--dim", type=int, default=2048)
-  parser.add_argument("--num_queries", type=int, default=1000)
-  parser.add_argument("--classes", type=int, default=1000)
-  parser.add_argument("--decay", type=float, default=0.5)
-  parser.add_argument("--noise", type=float, default=1.0)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--out", default=None)
-  args = parser.parse_args()
-  results = run(args)
-  print(f"Retrieval, {results['num_database']:,} x {results['dim']} database, "
-        f"{results['num_queries']} queries, {results['device']} (median of {args.repeats}):")
-  print(f"  {'method':22s} {'mAP@10':>7s} {'top-1':>6s} {'R@10 vs exact':>13s} "
-        f"{'MFLOPs/q':>9s} {'seconds':>8s} {'FLOPs x':>8s} {'speed x':>8s}")
-  for name, r in results.items():
-    if isinstance(r, dict):
-      print(f"  {name:22s} {r['map@10']:7.4f} {r['top1']:6.4f} {r['recall_of_exact@10']:13.4f} "
-            f"{r['mflops_per_query']:9.2f} {r['seconds']:8.3f} {r['flop_ratio_vs_exact']:8.1f} "
-            f"{r['speedup_vs_exact']:8.2f}")
+# --- Calibration of the synthetic noise --------------------------------------------------
+
+def calibrate_noise(args: argparse.Namespace) -> dict[str, Any]:
+  """Bisects log(noise) on a subsample until exact full-size mAP@10 ~ --target_map."""
+  from mrl_jax.evaluation.retrieval import retrieval_metrics
+  rows = min(args.num_database, args.calibrate_rows)
+  nq = min(args.num_queries, args.calibrate_queries)
+  db_labels, q_labels = synthetic_labels(rows, nq, args.classes, args.seed)
+  centres = _centres(args.classes, args.dim, args.decay, args.seed)
+  # x = c + noise * e: keep c and e once, so each trial noise costs one pass of arithmetic.
+  signal_db, noise_db = centres[db_labels], synthetic_block(
+      np.zeros_like(centres), db_labels, 1.0, args.decay, args.seed, 4, 0)
+  signal_q, noise_q = centres[q_labels], synthetic_block(
+      np.zeros_like(centres), q_labels, 1.0, args.decay, args.seed, 5, 0)
+
+  def exact_map(noise: float, dim: int) -> float:
+    db = normalized((signal_db + np.float32(noise) * noise_db)[:, :dim])
+    q = normalized((signal_q + np.float32(noise) * noise_q)[:, :dim])
+    ids = exact_top_k(q, in_memory_blocks(db), K)
+    return retrieval_metrics(db_labels[ids], q_labels, db_labels, (K,))["map@10"]
+
+  low, high = math.log(0.25), math.log(4.0)
+  trials = []
+  for _ in range(args.calibrate_steps):
+    mid = (low + high) / 2
+    value = exact_map(math.exp(mid), args.dim)
+    trials.append({"noise": math.exp(mid), "map@10": value})
+    log(f"  calibrate: noise {math.exp(mid):.4f} -> exact mAP@10 {value:.4f} on {rows:,} rows")
+    low, high = (mid, high) if value > args.target_map else (low, mid)
+  noise = math.exp((low + high) / 2)
+  prefixes = {str(d): exact_map(noise, d) for d in (8, 16, 64, 256, args.dim) if d <= args.dim}
+  log(f"  calibrated noise {noise:.4f}: subsample exact mAP@10 by prefix {prefixes}")
+  return {"noise": noise, "rows": rows, "queries": nq, "target_map@10": args.target_map,
+          "subsample_map@10_by_dim": prefixes, "trials": trials}
+
+
+# --- The run ------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  wall = time.perf_counter()
+  scratch = args.scratch or tempfile.mkdtemp(prefix="retrieval_bench_")
+  os.makedirs(scratch, exist_ok=True)
+  calibration = None
+  try:
+    if args.database:
+      db = file_database(args)
+    else:
+      if args.calibrate or args.calibrate_only:
+        calibration = calibrate_noise(args)
+        args.noise = calibration["noise"]
+        if args.calibrate_only:
+          return {"calibration": calibration}
+      db = synthetic_database(args, scratch)
+    return _run_methods(args, db, calibration, wall)
+  finally:
+    if not args.scratch:
+      shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _split(num_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  order = np.random.default_rng([seed, 7]).permutation(num_queries)
+  half = num_queries // 2
+  return np.sort(order[:half]), np.sort(order[half:])
+
+
+def _method_list(args: argparse.Namespace) -> list[str]:
+  methods = [m for m in args.methods.split(",") if m]
+  unknown = set(methods) - set(ALL_METHODS)
+  if unknown:
+    raise SystemExit(f"error: unknown --methods {sorted(unknown)}; choose from {ALL_METHODS}.")
+  if "scann" in methods and not scann_available():
+    log("ScaNN does not import here (`pip install scann`): skipping it.")
+    methods.remove("scann")
+  return methods
+
+
+def _report_name(method: str, row: dict) -> str:
+  return f"mrl_{row['setting']['family']}" if method == "mrl" else method
+
+
+def _run_methods(args: argparse.Namespace, db: Database, calibration: dict | None,
+                 wall: float) -> dict[str, Any]:
+  methods = _method_list(args)
+  tune_ids, report_ids = _split(len(db.queries), args.seed)
+  labelled = db.query_labels is not None
+  metric = "map@10" if labelled else "recall_exact@10"
+  log(f"{db.name}: {db.num:,} x {db.dim} database, {len(db.queries)} queries "
+      f"({len(tune_ids)} tuning, {len(report_ids)} reported), bar {args.bar:g} x exact {metric}.")
+
+  # The reference: exact full-size top-10 of every query, over all rows and (lazily) over the
+  # row prefix a budget-limited baseline was built on.
+  references: dict[int, np.ndarray] = {}
+
+  def reference(rows: int, vectors: np.ndarray | None = None) -> np.ndarray:
+    if rows not in references:
+      blocks = (in_memory_blocks(vectors[:rows]) if vectors is not None
+                else file_blocks_normalized(db.rows, rows))
+      references[rows] = exact_top_k(normalized(db.queries), blocks, K)
+    return references[rows]
+
+  def labels_for(rows: int) -> np.ndarray | None:
+    return None if db.labels is None else db.labels[:rows]
+
+  def query_labels(ids: np.ndarray) -> np.ndarray | None:
+    return None if db.query_labels is None else db.query_labels[ids]
+
+  results: dict[str, dict[str, Any]] = {}
+  tuning_log: dict[str, list[dict]] = {}
+  exact_tuning: dict[int, float] = {}
+  for method in ["exact"] + [m for m in methods if m != "exact"]:
+    log(f"  {method}: building ...")
+    built = BUILDERS[method](db, args, db.num)
+    if method == "exact":
+      reference(db.num, built.extra.pop("vectors"))
+    ref = reference(built.built_rows)
+    db_labels = labels_for(built.built_rows)
+    if built.built_rows not in exact_tuning:
+      exact_tuning[built.built_rows] = quality(
+          ref[tune_ids], query_labels(tune_ids), db_labels, ref[tune_ids])[metric]
+    bar = args.bar * exact_tuning[built.built_rows]
+    log(f"  {method}: built in {built.build_s:.1f} s on {built.built_rows:,} rows "
+        f"(peak RSS {peak_rss_gb():.2f} GB); tuning ...")
+    tuner = Tuner(db.queries[tune_ids], query_labels(tune_ids), db_labels, ref[tune_ids], bar,
+                  args.tune_repeats)
+    if method == "mrl":  # Report the best plan of every MRL family, and mark the best of all.
+      per_family: dict[str, list[list[Candidate]]] = {}
+      for chain in built.chains:
+        per_family.setdefault(chain[0].setting["family"], []).append(chain)
+      picks = [tuner.tune(chains) for chains in per_family.values()]
+    else:
+      picks = [tuner.tune(built.chains)]
+    for candidate, tune_row, log_rows in picks:
+      name = _report_name(method, tune_row)
+      tuning_log[name] = log_rows
+      ids, seconds = timed(lambda c=candidate: c.search(db.queries[report_ids]), args.repeats)
+      mflops, bytes_per_vector = candidate.cost(db.queries[report_ids])
+      row = {"family": built.family,
+             "queries_per_s": len(report_ids) / seconds,
+             **quality(ids, query_labels(report_ids), db_labels, ref[report_ids]),
+             "build_s": built.build_s, "bytes_per_vector": bytes_per_vector,
+             "mflops_per_query": mflops, "setting": candidate.setting,
+             "tuning": {"metric": metric, "value": tune_row[metric], "bar": bar,
+                        "met_bar": bool(tune_row["met_bar"]),
+                        "queries_per_s": tune_row["queries_per_s"],
+                        "settings_tried": len(log_rows)},
+             "built_rows": built.built_rows, "subset": built.built_rows < db.num,
+             **({"notes": built.notes} if built.notes else {}), **built.extra}
+      if row["subset"]:
+        row["exact_on_subset"] = quality(ref[report_ids], query_labels(report_ids), db_labels,
+                                         ref[report_ids])
+      results[name] = row
+      shown = ", ".join(f"{key} {row[key]:.4f}" for key in ("map@10", "recall_exact@10")
+                        if key in row)
+      log(f"  {name}: {row['queries_per_s']:.0f} q/s, {shown}, "
+          f"setting {json.dumps(candidate.setting)}")
+    built.release()
+    del built, tuner, picks
+    gc.collect()
+    if method == "exact" and "exact" not in methods:
+      results.pop("exact")
+  return summarize(args, db, results, tuning_log, calibration, tune_ids, report_ids, wall)
+
+
+def _best(results: dict[str, dict], family: str, full_only: bool = False) -> str | None:
+  names = [n for n, r in results.items() if r["family"] == family]
+  met = [n for n in names if results[n]["tuning"]["met_bar"]]
+  pool = met or names
+  if not pool:
+    return None
+  # The best is decided on the tuning half (queries/s there), never on the reported half.
+  return max(pool, key=lambda n: results[n]["tuning"]["queries_per_s"])
+
+
+def summarize(args, db: Database, results: dict[str, dict], tuning_log: dict, calibration,
+              tune_ids, report_ids, wall: float) -> dict[str, Any]:
+  exact = results.get("exact")
+  best = {family: _best(results, family) for family in FAMILIES}
+  best_ann = results.get(best["full_dim_ann"]) if best["full_dim_ann"] else None
+  for row in results.values():
+    if exact:
+      row["speedup_vs_exact"] = row["queries_per_s"] / exact["queries_per_s"]
+    if best_ann:
+      row["speedup_vs_best_ann"] = row["queries_per_s"] / best_ann["queries_per_s"]
+  out = {"name": db.name, "num_database": db.num, "dim": db.dim,
+         "num_queries": int(len(db.queries)), "num_tuning_queries": int(len(tune_ids)),
+         "num_reported_queries": int(len(report_ids)), "k": K, "bar": args.bar,
+         "labels": db.query_labels is not None, "database": db.info,
+         "methods": results, "best": best,
+         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                     "python": sys.version.split()[0]},
+         "max_build_s": args.max_build_s, "repeats": args.repeats,
+         "peak_rss_gb": peak_rss_gb(), "wall_s": time.perf_counter() - wall}
+  if calibration:
+    out["calibration"] = calibration
+  if best["mrl"]:
+    mrl = results[best["mrl"]]
+    metric = "map@10" if "map@10" in mrl else "recall_exact@10"
+    goals = {"best_mrl": best["mrl"], "plan": mrl["setting"].get("plan"), "metric": metric,
+             "met_bar_on_tuning": mrl["tuning"]["met_bar"],
+             "bytes_per_vector": mrl["bytes_per_vector"],
+             "bytes_at_most_half_float32": mrl["bytes_per_vector"] <= 0.5 * 4 * db.dim}
+    if exact:
+      goals.update({"metric_vs_exact": mrl[metric] / exact[metric],
+                    "within_1pct_of_exact": mrl[metric] >= 0.99 * exact[metric],
+                    "speedup_vs_exact": mrl["speedup_vs_exact"],
+                    "at_least_20x_exact": mrl["speedup_vs_exact"] >= 20})
+    if best_ann:
+      goals.update({"best_full_dim_ann": best["full_dim_ann"],
+                    "speedup_vs_best_ann": mrl["speedup_vs_best_ann"],
+                    "at_least_3x_best_ann": mrl["speedup_vs_best_ann"] >= 3,
+                    "metric_at_least_best_ann": mrl[metric] >= best_ann[metric],
+                    "best_ann_on_all_rows": not best_ann["subset"]})
+    out["goals"] = goals
+  if args.tuning_log:
+    out["tuning_log"] = tuning_log
+  return out
+
+
+def print_table(out: dict[str, Any]) -> None:
+  log(f"\n{out['name']}: {out['num_database']:,} x {out['dim']}, {out['num_reported_queries']} "
+      f"reported queries (settings tuned on the other {out['num_tuning_queries']}), peak RSS "
+      f"{out['peak_rss_gb']:.1f} GB, {out['wall_s']:.0f} s")
+  cols = ("build s", "B/vector", "queries/s", "mAP@10", "P@10", "R@10 exact", "MFLOPs/q",
+          "x exact", "x best ANN")
+  log(f"| method | family | {' | '.join(cols)} | setting |")
+  log("|" + " --- |" * (len(cols) + 3))
+  for name, r in out["methods"].items():
+    def f(key, fmt):
+      return format(r[key], fmt) if key in r else "-"
+    mark = " *" if name in out["best"].values() else ""
+    subset = f" (built on {r['built_rows']:,} of {out['num_database']:,})" if r["subset"] else ""
+    setting = r["setting"].get("plan") or json.dumps(r["setting"]) if r["setting"] else ""
+    log(f"| {name}{mark}{subset} | {r['family']} | {f('build_s', '.1f')} | "
+        f"{f('bytes_per_vector', '.0f')} | {f('queries_per_s', '.0f')} | {f('map@10', '.4f')} | "
+        f"{f('precision@10', '.4f')} | {f('recall_exact@10', '.4f')} | "
+        f"{f('mflops_per_query', '.2f')} | {f('speedup_vs_exact', '.1f')} | "
+        f"{f('speedup_vs_best_ann', '.2f')} | {setting} |")
+  if "goals" in out:
+    log(f"goals: {json.dumps(out['goals'])}")
+
+
+def _ints(text: str) -> list[int]:
+  return [int(t) for t in text.split(",") if t]
+
+
+def _floats(text: str) -> list[float]:
+  return [float(t) for t in text.split(",") if t]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  data = p.add_argument_group("database")
+  data.add_argument("--database", default=None, help="[N, d] float .npy (instead of synthetic)")
+  data.add_argument("--database_labels", default=None, help="[N] int .npy")
+  data.add_argument("--queries", default=None, help="[Q, d] float .npy")
+  data.add_argument("--query_labels", default=None, help="[Q] int .npy")
+  data.add_argument("--name", default=None, help="the database's name in the table")
+  data.add_argument("--num_database", type=int, default=1_000_000)
+  data.add_argument("--dim", type=int, default=2048)
+  data.add_argument("--num_queries", type=int, default=1000)
+  data.add_argument("--classes", type=int, default=1000)
+  data.add_argument("--decay", type=float, default=0.75)
+  data.add_argument("--noise", type=float, default=2.5)
+  data.add_argument("--seed", type=int, default=0)
+  data.add_argument("--scratch", default=None,
+                    help="where the synthetic database is written (kept; default a temp dir)")
+  data.add_argument("--calibrate", action="store_true",
+                    help="bisect --noise on a subsample to reach --target_map first")
+  data.add_argument("--target_map", type=float, default=0.6,
+                    help="exact full-size mAP@10 on the calibration subsample (the full "
+                         "database, with more rows per class, scores higher)")
+  data.add_argument("--calibrate_rows", type=int, default=200_000)
+  data.add_argument("--calibrate_only", action="store_true",
+                    help="print the calibrated noise and stop")
+  data.add_argument("--calibrate_queries", type=int, default=200)
+  data.add_argument("--calibrate_steps", type=int, default=10)
+  run_args = p.add_argument_group("methods")
+  run_args.add_argument("--methods", default=",".join(ALL_METHODS))
+  run_args.add_argument("--bar", type=float, default=0.99,
+                        help="tuned settings reach this fraction of exact's tuning metric")
+  run_args.add_argument("--repeats", type=int, default=3)
+  run_args.add_argument("--tune_repeats", type=int, default=1)
+  run_args.add_argument("--max_build_s", type=float, default=900.0)
+  run_args.add_argument("--block_rows", type=int, default=0,
+                        help="database rows read (and added to HNSW) per block; 0: 64 MiB")
+  run_args.add_argument("--hnsw_neighbours", type=int, default=32)
+  run_args.add_argument("--ef_construction", type=int, default=40)
+  run_args.add_argument("--ef_search", type=_ints, default=_ints("16,32,64,128,256,512,1024"))
+  run_args.add_argument("--nprobe", type=_ints, default=_ints("1,2,4,8,16,32,64,128,256"))
+  run_args.add_argument("--scann_leaves", type=_floats, default=_floats(
+      "0.005,0.01,0.02,0.05,0.1,0.2"), help="fractions of the leaves searched")
+  run_args.add_argument("--scann_reorder", type=_ints, default=_ints("50,100,200"))
+  run_args.add_argument("--mrl_stores", default="16:float32,32:float32,64:float32,256:int8,"
+                        "full:int8", help="DIM:DTYPE,... (full = the embedding size)")
+  run_args.add_argument("--mrl_ann", default="hnsw16=hnsw:16,adanns=ivf:64:16",
+                        help="NAME=hnsw:DIM or NAME=ivf:DIM[:CLUSTER_DIM],...")
+  run_args.add_argument("--shortlist_dims", type=_ints, default=_ints("16,32,64"))
+  run_args.add_argument("--shortlist_sizes", type=_ints, default=_ints("25,50,100,200,400,800"))
+  run_args.add_argument("--tuning_log", action="store_true",
+                        help="keep every setting tried in the JSON")
+  p.add_argument("--out", default=None, help="write the JSON here")
+  args = p.parse_args(argv)
+  if args.database and not args.queries:
+    p.error("--database needs --queries")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  out = run(args)
+  if "methods" in out:
+    print_table(out)
   if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-      json.dump(results, f, indent=2)
+      json.dump(out, f, indent=2)
+  return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""benchmarks/retrieval.py on tiny databases: its data, its exact reference, its JSON and protocol."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from mrl_jax.evaluation.retrieval import retrieval_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location(
+      "retrieval_benchmark", os.path.join(ROOT, "benchmarks", "retrieval.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # Its dataclasses look their module up while being defined.
+  spec.loader.exec_module(module)
+  yield module
+  sys.modules.pop(spec.name, None)
+
+
+def _float64_top10(queries: np.ndarray, database: np.ndarray) -> np.ndarray:
+  q = queries.astype(np.float64)
+  d = database.astype(np.float64)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  d /= np.linalg.norm(d, axis=1, keepdims=True)
+  dist = (q * q).sum(1)[:, None] - 2 * q @ d.T + (d * d).sum(1)[None, :]
+  return np.argsort(dist, axis=1, kind="stable")[:, :10]
+
+
+def test_synthetic_database_is_written_in_chunks_and_read_back_in_blocks(bench, tmp_path):
+  path = str(tmp_path / "db.npy")
+  num, dim = 2 * bench.GENERATE_ROWS + 5, 8
+  bench.write_synthetic(path, num, dim, classes=7, decay=0.75, noise=1.5, seed=3)
+  stored = np.load(path)
+  labels, _ = bench.synthetic_labels(num, 1, 7, 3)
+  # Independently: centres * scale, plus each chunk's noise from its own seeded stream.
+  scale = (np.arange(dim) + 1.0) ** -0.75
+  centres = np.random.default_rng([3, 0]).standard_normal((7, dim), np.float32) * scale
+  for i in range(3):
+    rows = slice(i * bench.GENERATE_ROWS, (i + 1) * bench.GENERATE_ROWS)
+    eps = np.random.default_rng([3, 1, i]).standard_normal((len(labels[rows]), dim), np.float32)
+    np.testing.assert_allclose(stored[rows], centres[labels[rows]] + 1.5 * scale * eps,
+                               rtol=1e-6, atol=1e-6)
+  rows = bench.NpyRows(path, block_rows=1000)
+  assert rows.shape == (num, dim)
+  blocks = list(rows.blocks(2500))
+  assert [start for start, _ in blocks] == [0, 1000, 2000]
+  np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), stored[:2500])
+  norms = np.linalg.norm(rows.normalized_rows(), axis=1)
+  np.testing.assert_allclose(norms, 1.0, atol=1e-6)
+
+
+def test_benchmark_tiny_run_json_and_exact_reference(bench, tmp_path):
+  out_file = tmp_path / "out.json"
+  num, dim, nq = 3000, 32, 80
+  argv = ["--num_database", str(num), "--dim", str(dim), "--num_queries", str(nq),
+          "--classes", "10", "--noise", "1.0", "--scratch", str(tmp_path / "scratch"),
+          "--methods", "exact,faiss_flat,faiss_hnsw,faiss_ivf,mrl", "--repeats", "1",
+          "--max_build_s", "0", "--block_rows", "1000",   # HNSW: one block only, a subset
+          "--ef_search", "32,128", "--nprobe", "4,16", "--shortlist_dims", "8",
+          "--shortlist_sizes", "50,200", "--mrl_stores", "8:float32,16:float32,full:int8",
+          "--mrl_ann", "hnsw8=hnsw:8", "--out", str(out_file)]
+  out = bench.main(argv)
+  assert json.loads(out_file.read_text()) == json.loads(json.dumps(out))
+  assert (out["num_database"], out["dim"], out["num_queries"]) == (num, dim, nq)
+  assert out["num_tuning_queries"] + out["num_reported_queries"] == nq
+  methods = out["methods"]
+  required = {"family", "queries_per_s", "map@10", "precision@10", "recall_exact@10", "build_s",
+              "bytes_per_vector", "mflops_per_query"}
+  for name, row in methods.items():
+    assert required <= set(row), name
+    assert row["family"] in ("exact", "full_dim_ann", "mrl"), name
+    assert row["queries_per_s"] > 0 and 0 <= row["recall_exact@10"] <= 1, name
+  assert methods["exact"]["recall_exact@10"] == 1.0
+  assert methods["exact"]["bytes_per_vector"] == 4 * dim
+  assert methods["exact"]["mflops_per_query"] == pytest.approx(num * dim / 1e6)
+  assert methods["faiss_flat"]["recall_exact@10"] >= 0.99
+  assert {methods[n]["family"] for n in ("faiss_hnsw", "faiss_ivf")} == {"full_dim_ann"}
+  # HNSW could not finish within a zero budget: built on the first block, said so, and its
+  # recall is against exact search over those same rows.
+  hnsw = methods["faiss_hnsw"]
+  assert hnsw["subset"] and hnsw["built_rows"] == 1000
+  assert hnsw["exact_on_subset"]["recall_exact@10"] == 1.0
+  assert not methods["faiss_ivf"]["subset"]
+  mrl = [n for n, r in methods.items() if r["family"] == "mrl"]
+  assert {"mrl_adaptive_exact8", "mrl_adaptive_hnsw8"} <= set(mrl)
+  assert out["best"]["mrl"] in mrl and out["goals"]["best_mrl"] == out["best"]["mrl"]
+  assert out["peak_rss_gb"] > 0
+
+  # The exact method's mAP@10 on the reported half is a float64 brute force's (up to float32
+  # near-ties at the 10th place: at most a swap or two among 40 queries x 10).
+  data = np.load(os.path.join(out["database"]["path"]))
+  db_labels, q_labels = bench.synthetic_labels(num, nq, 10, 0)
+  centres = bench._centres(10, dim, 0.75, 0)
+  queries = bench.synthetic_block(centres, q_labels, 1.0, 0.75, 0, 2, 0)
+  tune, report = bench._split(nq, 0)
+  assert len(np.intersect1d(tune, report)) == 0
+  ids = _float64_top10(queries[report], data)
+  expected = retrieval_metrics(db_labels[ids], q_labels[report], db_labels, (10,))
+  assert methods["exact"]["map@10"] == pytest.approx(expected["map@10"], abs=0.006)
+  assert methods["exact"]["precision@10"] == pytest.approx(expected["precision@10"], abs=0.006)
+
+
+def test_benchmark_user_files_without_labels_report_recall_only(bench, tmp_path):
+  rng = np.random.default_rng(0)
+  database = rng.standard_normal((1500, 16)).astype(np.float32)
+  queries = rng.standard_normal((40, 16)).astype(np.float32)
+  np.save(tmp_path / "db.npy", database)
+  np.save(tmp_path / "q.npy", queries)
+  out = bench.main(["--database", str(tmp_path / "db.npy"), "--queries", str(tmp_path / "q.npy"),
+                    "--name", "mine", "--methods", "exact,faiss_flat", "--repeats", "1"])
+  assert out["name"] == "mine" and out["labels"] is False and out["num_database"] == 1500
+  for row in out["methods"].values():
+    assert "map@10" not in row and row["tuning"]["metric"] == "recall_exact@10"
+  _, report = bench._split(40, 0)
+  ids = _float64_top10(queries[report], database)
+  assert out["methods"]["exact"]["recall_exact@10"] == 1.0
+  assert out["methods"]["faiss_flat"]["recall_exact@10"] >= 0.99
+  # The benchmark's own exact top-10 is the float64 one (the reference the others are scored by).
+  bench_ids = bench.exact_top_k(bench.normalized(queries[report]),
+                                bench.in_memory_blocks(bench.normalized(database), 512), 10)
+  assert (bench_ids == ids).mean() >= 0.99
