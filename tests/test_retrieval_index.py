@@ -1,4 +1,5 @@
-"""The vector index: parity with the exact funnel functions and float64, plans, calibration, files."""
+"""The vector index: parity with the exact funnel functions and float64, plans, calibration,
+files."""
 
 import json
 import os
@@ -59,7 +60,7 @@ def one_line_error(fn, match, cls=IndexQueryError):
 
 def test_exact_plans_equal_single_shot_and_float64(data, f32_index):
   database, queries, _, _ = data
-  for dim in (None, 8, 16, 32):
+  for dim in (None, 16):  # Both sides of knn.DIRECT_MAX_DIM (32).
     plan = Exact(dim)
     ids, dist = f32_index.search(queries, 10, plan)
     assert ids.dtype == np.int64 and dist.dtype == np.float32 and ids.shape == (40, 10)
@@ -95,11 +96,9 @@ def test_adaptive_equals_adaptive_retrieve(data, f32_index):
 def test_any_number_of_queries(data, f32_index, monkeypatch):
   database, _, _, _ = data
   rng = np.random.default_rng(1)
-  many = rng.normal(size=(1100, D)).astype(np.float32)   # More than knn_search's query block.
-  monkeypatch.setattr(index_module, "_QUERY_BLOCK_CANDIDATES", 300 * 100)  # 4 blocks of queries.
+  many = rng.normal(size=(400, D)).astype(np.float32)
+  monkeypatch.setattr(index_module, "_QUERY_BLOCK_CANDIDATES", 200 * 100)  # Blocks of 200 queries.
   ids, _ = f32_index.search(many, 5, "adaptive:8:100:64")
-  np.testing.assert_array_equal(ids[1050:1051], f32_index.search(many[1050:1051], 5,
-                                                                "adaptive:8:100:64")[0])
   np.testing.assert_array_equal(ids, funnel.adaptive_retrieve(
       many, database, shortlist_dim=8, rerank_dim=64, shortlist_size=100, k=5))
   ids, dist = f32_index.search(many[:0], 5, "adaptive:8:100:64")
@@ -240,7 +239,8 @@ def test_calibrate_table_and_target(data, f32_index):
   assert f32_index.calibration == table
   # The same queries give the same table apart from timings.
   again = f32_index.calibrate(queries, query_labels=query_labels, k=10, plans=plans, repeats=1)
-  strip = lambda t: [{k: v for k, v in r.items() if k not in ("queries_per_s", "seconds")} for r in t]
+  timings = ("queries_per_s", "seconds")
+  strip = lambda t: [{k: v for k, v in r.items() if k not in timings} for r in t]
   assert strip(again) == strip(table)
   json.dumps(table)
   # Target: the fastest row whose metric is within 1% of exact full size's.
@@ -258,10 +258,11 @@ def test_resolve_target_on_a_hand_table():
                               "metrics": {"map@10": m}}
   table = [row("exact", 10.0, 0.50), row("adaptive:16:200:64", 500.0, 0.494),
            row("adaptive:16:50:64", 900.0, 0.40), row("exact:16", 300.0, 0.499)]
-  assert plan_name(calibration.resolve_target(Target("map@10", 0.02), table)) == "adaptive:16:200:64"
-  assert plan_name(calibration.resolve_target(Target("map@10", 0.003), table)) == "exact:16"
-  assert plan_name(calibration.resolve_target(Target("map@10", 0.0), table)) == "exact"
-  assert plan_name(calibration.resolve_target(Target("map@10", 0.5), table)) == "adaptive:16:50:64"
+  resolve = lambda within: plan_name(calibration.resolve_target(Target("map@10", within), table))
+  assert resolve(0.02) == "adaptive:16:200:64"
+  assert resolve(0.003) == "exact:16"
+  assert resolve(0.0) == "exact"
+  assert resolve(0.5) == "adaptive:16:50:64"
   one_line_error(lambda: calibration.resolve_target(Target("map@25", 0.01), table),
                  "map@25 was not calibrated")
   one_line_error(lambda: calibration.resolve_target(Target(), table[1:]), "no exact full-size row")

@@ -116,7 +116,8 @@ class Index:
                exact_method: str = "auto"):
     """Use `Index.build` or `Index.load`; this assembles already built parts."""
     if exact_method not in EXACT_METHODS:
-      raise IndexQueryError(f"exact_method={exact_method!r} is unknown: use one of {EXACT_METHODS}.")
+      raise IndexQueryError(f"exact_method={exact_method!r} is unknown: use one of "
+                            f"{EXACT_METHODS}.")
     self._dim = int(dim)
     self._stores = dict(sorted((int(d), s) for d, s in stores.items()))
     self._ann = dict(sorted((ann or {}).items()))
@@ -145,12 +146,13 @@ class Index:
     embeddings = _check_rows(embeddings, None, "embeddings", "embedding", block_rows)
     num, dim = embeddings.shape
     if num == 0 or dim == 0:
-      raise IndexQueryError(f"Cannot build an index on embeddings of shape {tuple(embeddings.shape)}: "
-                            "need at least one row and one dim.")
+      raise IndexQueryError(f"Cannot build an index on embeddings of shape "
+                            f"{tuple(embeddings.shape)}: need at least one row and one dim.")
     stores = dict(stores) if stores is not None else {min(_DEFAULT_SHORTLIST_DIM, dim): "float32",
                                                       dim: "float32"}
     if not stores:
-      raise IndexQueryError("stores is empty: give at least one {dim: dtype}, e.g. {16: 'float32'}.")
+      raise IndexQueryError("stores is empty: give at least one {dim: dtype}, e.g. "
+                            "{16: 'float32'}.")
     for store_dim, dtype in stores.items():
       if isinstance(store_dim, bool) or not isinstance(store_dim, (int, np.integer)) or not (
           0 < store_dim <= dim):
@@ -326,7 +328,8 @@ class Index:
                             f"({keeps[-1]}): ask for k <= {keeps[-1]} or keep more.")
     # Blocks of queries bound the candidate lists in memory ([block, shortlists[0]] ids).
     block = max(1, _QUERY_BLOCK_CANDIDATES // keeps[0])
-    out_ids, out_dist = np.empty((len(queries), k), np.int64), np.empty((len(queries), k), np.float32)
+    out_ids = np.empty((len(queries), k), np.int64)
+    out_dist = np.empty((len(queries), k), np.float32)
     for start in range(0, len(queries), block):
       ids, dist = self._funnel(queries[start:start + block], plan, dims, keeps)
       out_ids[start:start + block], out_dist[start:start + block] = ids[:, :k], dist[:, :k]
@@ -463,7 +466,8 @@ class Index:
       with open(path) as f:
         manifest = json.load(f)
     except (OSError, ValueError) as e:
-      raise IndexFileError(f"{path} is unreadable ({_one_line(e)}): save the index again.") from None
+      raise IndexFileError(f"{path} is unreadable ({_one_line(e)}): save the index "
+                           "again.") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
       raise IndexFileError(f"{path} is not an mrl_jax index manifest: save the index again.")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -476,7 +480,8 @@ class Index:
       has_labels, table = bool(manifest["labels"]), list(manifest["calibration"])
       exact_method = manifest.get("exact_method", "auto")
     except (KeyError, TypeError, ValueError) as e:
-      raise IndexFileError(f"{path} is incomplete ({_one_line(e)}): save the index again.") from None
+      raise IndexFileError(f"{path} is incomplete ({_one_line(e)}): save the index "
+                           "again.") from None
     stores, anns = {}, {}
     for part, entries, loader in (
         ("store", store_entries, lambda p: PrefixStore.load(p, mmap=mmap)),
@@ -487,8 +492,8 @@ class Index:
         except IndexFileError:
           raise  # Already names the file and the fix.
         except (OSError, ValueError, KeyError, EOFError, RuntimeError) as e:
-          raise IndexFileError(f"{directory}: {part} {rel} is unreadable ({_one_line(e)}): save the "
-                               "index again.") from None
+          raise IndexFileError(f"{directory}: {part} {rel} is unreadable ({_one_line(e)}): "
+                               "save the index again.") from None
         (stores if part == "store" else anns)[key] = loaded
     for store_dim, store in stores.items():
       if store.num_vectors != num or store.dim != store_dim:

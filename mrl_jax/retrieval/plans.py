@@ -107,10 +107,11 @@ class Funnel:
     return dims, keeps
 
 
-def Adaptive(shortlist_dim: int, shortlist_size: int, rerank_dim: int | None = None, *,  # noqa: N802
-             shortlist: str = EXACT_SHORTLIST, ef_search: int | None = None,
-             nprobe: int | None = None) -> Funnel:
-  """Adaptive retrieval: `shortlist_size` candidates at `shortlist_dim`, reranked at `rerank_dim`."""
+def Adaptive(shortlist_dim: int, shortlist_size: int,  # noqa: N802 (reads as a plan type)
+             rerank_dim: int | None = None, *, shortlist: str = EXACT_SHORTLIST,
+             ef_search: int | None = None, nprobe: int | None = None) -> Funnel:
+  """Adaptive retrieval: `shortlist_size` candidates at `shortlist_dim`, reranked at
+  `rerank_dim` (None: the full embedding)."""
   return Funnel(dims=(shortlist_dim, rerank_dim), shortlists=(shortlist_size,),
                 shortlist=shortlist, ef_search=ef_search, nprobe=nprobe)
 
@@ -151,7 +152,8 @@ def as_plan(plan: Plan | str | None) -> Plan:
     return parse_plan(plan)
   if isinstance(plan, (Exact, Funnel, Target)):
     return plan
-  raise IndexQueryError(f"plan must be Exact, Funnel, Target or its text, got {type(plan).__name__}.")
+  raise IndexQueryError(f"plan must be Exact, Funnel, Target or its text, got "
+                        f"{type(plan).__name__}.")
 
 
 # --- Text form ------------------------------------------------------------------------------
