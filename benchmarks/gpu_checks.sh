@@ -5,7 +5,8 @@
 #   versions   library versions and the GPU
 #   vit        ViT-B/16 step time with MRL / MRL-E / plain heads (18,291 classes),
 #              and compile_check memory of vit_jft at 128 per device, remat off/on
-#   retrieval  1M x 2048 adaptive / funnel / faiss retrieval against exact search
+#   retrieval  1M x 2048 MRL index adaptive / funnel plans (exact shortlists) against exact
+#              search (numpy on the host, and the index's exact plan on the device)
 #   heads      nested-head micro-benchmark at batch 256 and 1024
 #   bert       BERT-Base MLM train step, nested head 12..768 vs the plain decoder,
 #              seq 128, batch 8 and 64, float32 and bfloat16
@@ -32,8 +33,9 @@ if has vit; then
   done
 fi
 if has retrieval; then
-  timeout 400 python3 benchmarks/retrieval.py --num_database 1000000 --dim 2048 --num_queries 1000 \
-    --repeats 3 --out "$OUT/retrieval_1m.json" 2>&1 | quiet | tee "$OUT/retrieval_1m.txt"
+  timeout 500 python3 benchmarks/retrieval.py --num_database 1000000 --dim 2048 --num_queries 1000 \
+    --methods exact,mrl --mrl_ann "" --shortlist_dims 16,32 --shortlist_sizes 100,200,400 \
+    --scratch /tmp/retrieval_scratch --repeats 3 --out "$OUT/retrieval_1m.json" 2>&1 | quiet | tee "$OUT/retrieval_1m.txt"
 fi
 if has heads; then
   for batch in 256 1024; do

@@ -40,8 +40,17 @@ Methods (one at a time, each freed before the next; peak RSS in the JSON):
   scann         ScaNN (if `import scann` works; optional): tree (about sqrt(N) leaves),
                 asymmetric hashing (2 dims per 4-bit code), exact reorder; leaves and
                 reorder size tuned;
-  mrl           `mrl_jax.retrieval.Index` with --mrl_stores / --mrl_ann; adaptive and
-                funnel plans with exact and ANN shortlists (the grid below).
+  mrl           `mrl_jax.retrieval.Index` with --mrl_stores (default 16, 32, 64 float32;
+                256 and full int8) and --mrl_ann (default hnsw16 = HNSW on 16 dims, adanns =
+                IVF scanning 64 dims with clusters learnt on 16), and a grid of plans, each
+                family tuned on its own and reported (mrl_<family>):
+                  adaptive_exact<Ds> / funnel_exact<Ds>  exact shortlist at Ds in
+                      --shortlist_dims, sizes S in --shortlist_sizes (funnel: every store
+                      above Ds, keeping S, S/2, S/4, ... >= 10);
+                  adaptive_<ann> / funnel_<ann>  the ANN's shortlist, S x (efSearch >= S in
+                      --ef_search, or nprobe in --nprobe);
+                  index_exact  the index's own exact full-size plan (an "exact" row; on a
+                      GPU its exact stage runs on the device: the GPU goal's reference).
 A baseline whose build would pass --max_build_s (900 s) is built on the largest
 prefix of the database rows that fits: HNSW adds row blocks until the next would
 pass the budget; IVF and ScaNN time a pilot build on 50k rows and scale it as
@@ -83,6 +92,7 @@ sys.path.insert(0, ROOT)
 K = 10
 FAMILIES = ("exact", "full_dim_ann", "mrl")
 ALL_METHODS = ("exact", "faiss_flat", "faiss_hnsw", "faiss_ivf", "scann", "mrl")
+INDEX_EXACT = "index_exact"   # The MRL index's exact full-size plan: an "exact" family row.
 _READ_BLOCK_BYTES = 1 << 26   # Rows read from the database file per block (64 MiB).
 _SCAN_BLOCK_ROWS = 32768      # Database rows per matmul block of exact search.
 _PILOT_ROWS = 50_000          # Pilot build size of the IVF / ScaNN build-time estimate.
@@ -656,6 +666,10 @@ def build_mrl(db: Database, args: argparse.Namespace, rows: int) -> Built:
         out.append(Candidate({"plan": text, "family": family},
                              lambda q, plan=plan: index.search(q, K, plan)[0], cost))
       chains.append(out)
+  if args.index_exact:  # The index's own exact full-size plan (on its full-size store's codes).
+    chains.append([Candidate(
+        {"plan": "exact", "family": INDEX_EXACT}, lambda q: index.search(q, K, "exact")[0],
+        lambda q: (rows * full / 1e6, float(index.bytes_per_vector("exact"))))])
   return Built("mrl", chains, build_s, rows, release=lambda: None,
                extra={"stores": {str(d): t for d, t in stores.items()},
                       "ann": {name: dataclasses.asdict(spec) for name, spec in ann.items()},
@@ -754,6 +768,10 @@ def _report_name(method: str, row: dict) -> str:
   return f"mrl_{row['setting']['family']}" if method == "mrl" else method
 
 
+def _family(built: Built, setting: dict[str, Any]) -> str:
+  return "exact" if setting.get("family") == INDEX_EXACT else built.family
+
+
 def _run_methods(args: argparse.Namespace, db: Database, calibration: dict | None,
                  wall: float) -> dict[str, Any]:
   methods = _method_list(args)
@@ -810,7 +828,7 @@ def _run_methods(args: argparse.Namespace, db: Database, calibration: dict | Non
       tuning_log[name] = log_rows
       ids, seconds = timed(lambda c=candidate: c.search(db.queries[report_ids]), args.repeats)
       mflops, bytes_per_vector = candidate.cost(db.queries[report_ids])
-      row = {"family": built.family,
+      row = {"family": _family(built, candidate.setting),
              "queries_per_s": len(report_ids) / seconds,
              **quality(ids, query_labels(report_ids), db_labels, ref[report_ids]),
              "build_s": built.build_s, "bytes_per_vector": bytes_per_vector,
@@ -830,7 +848,8 @@ def _run_methods(args: argparse.Namespace, db: Database, calibration: dict | Non
       log(f"  {name}: {row['queries_per_s']:.0f} q/s, {shown}, "
           f"setting {json.dumps(candidate.setting)}")
     built.release()
-    del built, tuner, picks
+    candidate = None  # The last candidate's closures hold the method's data: drop them all.
+    del built, tuner, picks, candidate
     gc.collect()
     if method == "exact" and "exact" not in methods:
       results.pop("exact")
@@ -880,6 +899,9 @@ def summarize(args, db: Database, results: dict[str, dict], tuning_log: dict, ca
                     "within_1pct_of_exact": mrl[metric] >= 0.99 * exact[metric],
                     "speedup_vs_exact": mrl["speedup_vs_exact"],
                     "at_least_20x_exact": mrl["speedup_vs_exact"] >= 20})
+    index_exact = results.get(f"mrl_{INDEX_EXACT}")
+    if index_exact:  # The GPU goal's reference: the index's exact plan, on the device there.
+      goals["speedup_vs_index_exact"] = mrl["queries_per_s"] / index_exact["queries_per_s"]
     if best_ann:
       goals.update({"best_full_dim_ann": best["full_dim_ann"],
                     "speedup_vs_best_ann": mrl["speedup_vs_best_ann"],
@@ -936,7 +958,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   data.add_argument("--num_queries", type=int, default=1000)
   data.add_argument("--classes", type=int, default=1000)
   data.add_argument("--decay", type=float, default=0.75)
-  data.add_argument("--noise", type=float, default=2.5)
+  data.add_argument("--noise", type=float, default=1.1)
   data.add_argument("--seed", type=int, default=0)
   data.add_argument("--scratch", default=None,
                     help="where the synthetic database is written (kept; default a temp dir)")
@@ -972,6 +994,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="NAME=hnsw:DIM or NAME=ivf:DIM[:CLUSTER_DIM],...")
   run_args.add_argument("--shortlist_dims", type=_ints, default=_ints("16,32,64"))
   run_args.add_argument("--shortlist_sizes", type=_ints, default=_ints("25,50,100,200,400,800"))
+  run_args.add_argument("--index_exact", type=int, default=1,
+                        help="also time the MRL index's own exact full-size plan (1/0)")
   run_args.add_argument("--tuning_log", action="store_true",
                         help="keep every setting tried in the JSON")
   p.add_argument("--out", default=None, help="write the JSON here")

@@ -93,6 +93,9 @@ def test_benchmark_tiny_run_json_and_exact_reference(bench, tmp_path):
   mrl = [n for n, r in methods.items() if r["family"] == "mrl"]
   assert {"mrl_adaptive_exact8", "mrl_adaptive_hnsw8"} <= set(mrl)
   assert out["best"]["mrl"] in mrl and out["goals"]["best_mrl"] == out["best"]["mrl"]
+  # The index's own exact plan is an exact row (int8 full-size codes: near, not equal, ids).
+  assert methods["mrl_index_exact"]["family"] == "exact"
+  assert methods["mrl_index_exact"]["recall_exact@10"] >= 0.9
   assert out["peak_rss_gb"] > 0
 
   # The exact method's mAP@10 on the reported half is a float64 brute force's (up to float32
