@@ -145,6 +145,10 @@ def test_add_equals_building_on_everything(data, f32_index):
   for plan in ("exact", "exact:16", "funnel:8,16,64:300,50"):
     np.testing.assert_array_equal(grown.search(queries, 10, plan)[0],
                                   f32_index.search(queries, 10, plan)[0])
+  assert repr(grown) == ("Index(2000 x 64, stores {8: float32, 16: float32, 32: float32, "
+                         "64: float32}, ann [], labels True, 0 calibrated plans)")
+  one_line_error(lambda: grown.store(12), "no 12-dim prefix")
+  one_line_error(lambda: grown.shortlist("hnsw8"), "no ANN 'hnsw8' \\(built: none\\)")
   one_line_error(lambda: grown.add(database[:3]), "pass labels")
   one_line_error(lambda: Index.build(database[:10]).add(database[:3], labels=[0, 1, 2]),
                  "without labels")

@@ -242,10 +242,23 @@ class Index:
     return list(self._calibration)
 
   def store(self, dim: int) -> PrefixStore:
+    """The PrefixStore at prefix `dim`."""
+    if dim not in self._stores:
+      raise IndexQueryError(f"The index stores no {dim}-dim prefix (it stores {self.store_dims}).")
     return self._stores[dim]
 
   def shortlist(self, name: str) -> AnnShortlist:
+    """The AnnShortlist built under `name`."""
+    if name not in self._ann:
+      raise IndexQueryError(f"The index has no ANN {name!r} (built: "
+                            f"{', '.join(self._ann) or 'none'}).")
     return self._ann[name]
+
+  def __repr__(self) -> str:
+    stores = ", ".join(f"{d}: {s.dtype}" for d, s in self._stores.items())
+    return (f"Index({self.num_vectors} x {self._dim}, stores {{{stores}}}, ann "
+            f"{self.ann_names}, labels {self._labels is not None}, "
+            f"{len(self._calibration)} calibrated plans)")
 
   def bytes_per_vector(self, plan: Plan | str | None = None) -> float:
     """Bytes per database vector of the stores and ANNs `plan` touches (None: all of them).
