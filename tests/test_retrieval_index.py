@@ -110,7 +110,7 @@ def test_blocked_exact_scan_equals_one_scan(data, monkeypatch):
   index = Index.build(database, stores={16: "float32", 64: "int8"})
   one = {d: index.search(queries, 10, Exact(d)) for d in (16, 64)}
   # Force row blocks of 300 vectors (the last block is shorter than k would allow at 2000).
-  monkeypatch.setattr(index_module, "_SINGLE_SCAN_BYTES", 0)
+  monkeypatch.setattr(index_module, "_single_scan_limit", lambda: 0)
   monkeypatch.setattr(index_module, "_SCAN_BLOCK_BYTES", 300 * 4 * 16)
   blocked16 = Index.build(database, stores={16: "float32"}).search(queries, 10, Exact(16))
   np.testing.assert_array_equal(blocked16[0], one[16][0])

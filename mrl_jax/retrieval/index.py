@@ -53,7 +53,8 @@ FORMAT = "mrl_jax.retrieval.Index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LABELS = "labels.npy"
-_SINGLE_SCAN_BYTES = 1 << 30   # Decoded stores up to this size are scanned in one call (cached).
+_SINGLE_SCAN_BYTES = 1 << 30   # Decoded stores up to this size are scanned in one call (cached)
+_DEVICE_SCAN_FRACTION = 0.25   # ... or up to this share of an accelerator's memory.
 _SCAN_BLOCK_BYTES = 1 << 28    # Larger ones in row blocks of about this many float32 bytes.
 _QUERY_BLOCK_CANDIDATES = 1 << 22  # Funnels run on blocks of queries with this many candidates.
 _DEFAULT_SHORTLIST_DIM = 16
@@ -96,6 +97,24 @@ def _check_labels(labels: Any, num_rows: int) -> np.ndarray:
 def _load_ann(directory: str) -> AnnShortlist:
   from mrl_jax.retrieval.ann import AnnShortlist
   return AnnShortlist.load(directory)
+
+
+def _single_scan_limit() -> int:
+  """Bytes of decoded store kept on the device and scanned in one call.
+
+  On CPU 1 GiB (larger stores stream in row blocks; a copy of them would only add
+  memory). On a GPU/TPU a quarter of its memory: streaming blocks to it on every search
+  would cost far more than the scan itself.
+  """
+  import jax
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return _SINGLE_SCAN_BYTES
+  try:
+    limit = int((device.memory_stats() or {}).get("bytes_limit", 0))
+  except Exception:  # noqa: BLE001 (backends without memory stats)
+    limit = 0
+  return max(_SINGLE_SCAN_BYTES, int(limit * _DEVICE_SCAN_FRACTION))
 
 
 def _merge_top_k(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
@@ -371,7 +390,7 @@ class Index:
     store = self._stores[dim]
     q = store.normalize_queries(queries)
     num = store.num_vectors
-    if num * dim * 4 <= _SINGLE_SCAN_BYTES:
+    if num * dim * 4 <= _single_scan_limit():
       if dim not in self._scan_cache:
         import jax  # The decoded store stays in device memory between searches.
         self._scan_cache[dim] = jax.device_put(np.asarray(store.decoded(), np.float32))
