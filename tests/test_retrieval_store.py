@@ -6,7 +6,7 @@ import pytest
 from float32_tolerance import float32_atol
 from mrl_jax.evaluation import funnel
 from mrl_jax.retrieval.errors import IndexFileError, IndexNotFoundError, IndexQueryError
-from mrl_jax.retrieval.prefix_store import STORE_DTYPES, PrefixStore
+from mrl_jax.retrieval.prefix_store import STORE_DTYPES, PrefixStore, unit_prefix_rows
 
 WIDTH = 2048
 
@@ -101,10 +101,11 @@ def test_int8_codes_are_faiss_qt_8bit_codes_and_adds_are_clipped(data):
   extra[:5, :64] *= 50.0                         # Prefixes far outside the build's range.
   extra[:5, 1] = -extra[:5, 1]
   store.add(extra)
-  unit = store.normalize_queries(database)
+  unit = unit_prefix_rows(database, 64)                # How the store normalises database rows.
   codes = np.asarray(store._codes)
   np.testing.assert_array_equal(codes[:1000], sq.sa_encode(unit[:1000]))
-  clipped = np.clip(store.normalize_queries(extra), vmin, vmin + vdiff)
+  assert codes[:1000].min() == 0 and codes[:1000].max() == 255
+  clipped = np.clip(unit_prefix_rows(extra, 64), vmin, vmin + vdiff)
   np.testing.assert_array_equal(codes[1000:], sq.sa_encode(clipped))
   np.testing.assert_allclose(store.decoded(), sq.sa_decode(codes), rtol=0, atol=1e-6)
 
@@ -117,7 +118,7 @@ def test_add_equals_building_on_the_concatenation(data, dtype):
   if dtype == "int8":  # An int8 add reuses the build's scales: compare with those scales.
     whole = PrefixStore.build(database, 64, dtype)
     whole._codec = part._codec
-    whole._codes = whole._codec.encode(whole.normalize_queries(database))
+    whole._codes = whole._codec.encode(unit_prefix_rows(database, 64))
     whole._norms_sq = np.einsum("ij,ij->i", whole.decoded(), whole.decoded())
   part.add(database[700:1100])
   part.add(database[1100:])

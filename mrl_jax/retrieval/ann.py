@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from mrl_jax.retrieval.errors import IndexFileError, IndexNotFoundError, IndexQueryError
-from mrl_jax.retrieval.prefix_store import normalized_prefix, sort_by_distance_then_id
+from mrl_jax.retrieval.prefix_store import (normalized_prefix, sort_by_distance_then_id,
+                                             unit_prefix_rows)
 
 ANN_KINDS = ("hnsw", "ivf")
 FORMAT = "mrl_jax.ann_shortlist"
@@ -135,10 +136,7 @@ class AnnShortlist:
     self._add_block(embeddings)
 
   def _add_block(self, block: np.ndarray) -> None:
-    x = np.ascontiguousarray(normalized_prefix(block, self.dim), np.float32)
-    if not np.all(np.isfinite(x)):
-      raise IndexQueryError("Embeddings hold NaN or inf values: remove or fix those rows first.")
-    self.index.add(x)
+    self.index.add(unit_prefix_rows(block, self.dim))
 
   @property
   def num_vectors(self) -> int:
@@ -251,8 +249,7 @@ def _trained_ivf(faiss: Any, embeddings: np.ndarray, spec: AnnSpec) -> Any:
   rng = np.random.default_rng(spec.seed)
   sample_size = min(n, _TRAIN_POINTS_PER_LIST * lists)
   rows = np.sort(rng.choice(n, size=sample_size, replace=False))
-  sample = np.ascontiguousarray(normalized_prefix(np.asarray(embeddings[rows]),
-                                                  spec.clusters_on), np.float32)
+  sample = unit_prefix_rows(np.asarray(embeddings[rows]), spec.clusters_on)
   kmeans = faiss.Kmeans(spec.clusters_on, lists, niter=_KMEANS_ITERATIONS, seed=spec.seed,
                         verbose=False, max_points_per_centroid=_TRAIN_POINTS_PER_LIST)
   kmeans.train(sample)
