@@ -17,6 +17,16 @@ faiss ranks by ||q||^2 - 2 q.c + ||c||^2 in float32: among neighbours closer tha
 ~1e-7 the order is approximate too; results are re-sorted by (distance, id), and
 ids faiss could not fill are -1 at +inf, last. faiss is optional at import time:
 `pip install faiss-cpu` (or a GPU build) to build or load a shortlist.
+AdANNS here needs cluster_dim <= dim (clusters on a prefix of the scanned prefix).
+
+Measured (2-core CPU shared with other jobs, load average ~10: absolute times are a
+few times an idle machine's; 100,000 x 64 clustered database, 500 queries, k 10,
+recall of knn_search's exact top-10 on the same prefix, median of 5, ms per query):
+  hnsw 16 dims, ef 64:        0.25 ms, recall 0.999  (build 22 s, 336 bytes/vector)
+  hnsw 16 dims, ef 256:       1.24 ms, recall 1.0
+  ivf 16 dims (1265 lists), nprobe 16: 0.08 ms, recall 0.991 (build 2.6 s, 73 bytes/vector)
+  AdANNS ivf 32 dims on 8-dim clusters, nprobe 16: 0.13 ms, recall 0.873 (1.5 s)
+  exact knn_search at 16 dims:  2.26 ms
 """
 
 from __future__ import annotations
@@ -249,7 +259,8 @@ def _trained_ivf(faiss: Any, embeddings: np.ndarray, spec: AnnSpec) -> Any:
   rng = np.random.default_rng(spec.seed)
   sample_size = min(n, _TRAIN_POINTS_PER_LIST * lists)
   rows = np.sort(rng.choice(n, size=sample_size, replace=False))
-  sample = unit_prefix_rows(np.asarray(embeddings[rows]), spec.clusters_on)
+  # Only the clustered prefix of the sampled rows is read (a memmap stays on disk).
+  sample = unit_prefix_rows(np.asarray(embeddings[rows, :spec.clusters_on]), spec.clusters_on)
   kmeans = faiss.Kmeans(spec.clusters_on, lists, niter=_KMEANS_ITERATIONS, seed=spec.seed,
                         verbose=False, max_points_per_centroid=_TRAIN_POINTS_PER_LIST)
   kmeans.train(sample)
