@@ -6,7 +6,8 @@ import pytest
 from float32_tolerance import float32_atol
 from mrl_jax.evaluation import funnel
 from mrl_jax.retrieval.errors import IndexFileError, IndexNotFoundError, IndexQueryError
-from mrl_jax.retrieval.prefix_store import STORE_DTYPES, PrefixStore, unit_prefix_rows
+from mrl_jax.retrieval.prefix_store import (STORE_DTYPES, PrefixStore, _float16_to_float32,
+                                           unit_prefix_rows)
 
 WIDTH = 2048
 
@@ -230,3 +231,11 @@ def test_refine_index_chain_gives_the_store_rerank(data, dtype):
   again_ids, again_dist = store.rerank(queries, shortlist, 10)
   np.testing.assert_array_equal(again_ids, want_ids)
   np.testing.assert_array_equal(again_dist, want_dist)
+
+
+def test_float16_decoding_is_exact_for_every_finite_half():
+  half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+  half = half[np.isfinite(half)]
+  assert len(half) == 63488                     # Subnormals, both zeros and normals included.
+  decoded = _float16_to_float32(half)
+  assert decoded.tobytes() == half.astype(np.float32).tobytes()
