@@ -211,7 +211,7 @@ def test_bytes_per_vector_and_build_errors(data):
 
 
 @pytest.mark.parametrize("dtype", STORE_DTYPES)
-def test_refine_index_chain_gives_the_store_rerank(data, dtype):
+def test_refine_index_chain_gives_the_store_rerank(data, dtype, tmp_path):
   """faiss.IndexRefine(base on a small prefix, store.refine_index()) == shortlist + rerank."""
   faiss = pytest.importorskip("faiss")
   database, queries, _ = data
@@ -231,6 +231,13 @@ def test_refine_index_chain_gives_the_store_rerank(data, dtype):
   again_ids, again_dist = store.rerank(queries, shortlist, 10)
   np.testing.assert_array_equal(again_ids, want_ids)
   np.testing.assert_array_equal(again_dist, want_dist)
+  store.save(tmp_path / "s")
+  assert PrefixStore.load(tmp_path / "s").decoded().tobytes() == store.decoded().tobytes()
+  before = store.decoded()
+  store.add(database[:5])                        # Leaves faiss: earlier views stay valid.
+  assert store.num_vectors == len(database) + 5
+  np.testing.assert_array_equal(store.decoded(0, len(database)), before)
+  assert store.refine_index().ntotal == len(database) + 5
 
 
 def test_float16_decoding_is_exact_for_every_finite_half():

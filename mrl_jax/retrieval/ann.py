@@ -155,7 +155,6 @@ class AnnShortlist:
   def search(self, queries: np.ndarray, k: int, *, ef_search: int | None = None,
              nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Approximate top-k: (ids int64 [Q, k], squared L2 float32 [Q, k]) at this prefix."""
-    faiss = _faiss()
     if np.ndim(queries) != 2 or np.shape(queries)[1] < self.dim:
       raise IndexQueryError(f"Queries of shape {np.shape(queries)} are narrower than the ANN "
                             f"prefix {self.dim}.")

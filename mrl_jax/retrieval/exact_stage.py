@@ -1,4 +1,4 @@
-"""Exact top-k over a whole stored prefix: the blocked scan, or jax.lax.approx_max_k on accelerators.
+"""Exact top-k over a whole stored prefix: the blocked scan, or approx_max_k on accelerators.
 
   * "knn":    `evaluation.knn.knn_search` (exact, careful float32: direct coordinate
               differences up to 32 dims, mean-centred dot products above). The parity

@@ -1,4 +1,4 @@
-"""The unit-normalised dim-prefix of every database vector, stored once, and the candidate rerank on it.
+"""Unit-normalised dim-prefixes of a database, stored once, and the candidate rerank on them.
 
 A `PrefixStore` keeps z[:dim] / ||z[:dim]|| of every database vector in float32,
 float16 or int8 and reranks candidate lists by squared L2 between unit vectors
