@@ -433,3 +433,13 @@ def test_faiss_refine_chain_gives_the_numpy_rerank_ids(data):
   ids, _ = index.search(queries, 10, "adaptive:8:400:64@hnsw8:ef=400")
   index.faiss_refine = False
   np.testing.assert_array_equal(ids, index.search(queries, 10, "adaptive:8:400:64@hnsw8:ef=400")[0])
+
+
+def test_calibrate_default_grid_follows_what_is_built(data):
+  database, queries, _, _ = data
+  index = Index.build(database[:300], stores={8: "float32", 64: "float32"})
+  table = index.calibrate(queries[:5], k=5, repeats=1)
+  assert [row["plan"] for row in table] == ["exact", "exact:8", "adaptive:8:50:64",
+                                            "adaptive:8:100:64", "adaptive:8:200:64"]
+  assert all(set(row["metrics"]) == {"recall_exact@5"} for row in table)
+  assert table[-1]["metrics"]["recall_exact@5"] >= table[2]["metrics"]["recall_exact@5"]
