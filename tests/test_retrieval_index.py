@@ -303,12 +303,15 @@ def test_calibrate_errors(data, f32_index):
 
 def test_save_load_round_trip(data, tmp_path):
   database, queries, labels, query_labels = data
-  index = Index.build(database, stores={8: "float32", 16: "int8", 64: "float16"}, labels=labels)
-  index.calibrate(queries[:10], query_labels=query_labels[:10], k=5,
-                  plans=["adaptive:8:100:64"], repeats=1)
+  pytest.importorskip("faiss")
+  from mrl_jax.retrieval.ann import AnnSpec
+  index = Index.build(database, stores={8: "float32", 16: "int8", 64: "float16"}, labels=labels,
+                      ann={"hnsw8": AnnSpec("hnsw", 8)})
+  index.calibrate(queries, query_labels=query_labels, k=10, plans=["adaptive:8:100:64"],
+                  repeats=1)
   path = str(tmp_path / "idx")
   index.save(path)
-  assert sorted(os.listdir(path)) == ["labels.npy", "manifest.json", "stores"]
+  assert sorted(os.listdir(path)) == ["ann", "labels.npy", "manifest.json", "stores"]
   for mmap in (True, False):
     loaded = Index.load(path, mmap=mmap)
     assert (loaded.dim, loaded.num_vectors, loaded.store_dims) == (64, 2000, [8, 16, 64])
@@ -316,8 +319,10 @@ def test_save_load_round_trip(data, tmp_path):
     np.testing.assert_array_equal(loaded.labels, labels)
     assert loaded.calibration == json.loads(json.dumps(index.calibration))
     assert loaded.bytes_per_vector() == index.bytes_per_vector()
-    for plan in ("exact", "exact:16", "funnel:8,16,64:300,50", "target:recall_exact@5:0.5"):
-      for got, want in zip(loaded.search(queries, 5, plan), index.search(queries, 5, plan)):
+    assert loaded.ann_names == ["hnsw8"] and loaded.shortlist("hnsw8").spec == AnnSpec("hnsw", 8)
+    for plan in ("exact", "exact:16", "funnel:8,16,64:300,50", "target:recall_exact@10:0.5",
+                 "funnel:8,16,64:300,50@hnsw8"):
+      for got, want in zip(loaded.search(queries, 10, plan), index.search(queries, 10, plan)):
         np.testing.assert_array_equal(got, want)
   # Saving over an index (even the memory-mapped one it was loaded from) replaces it whole.
   loaded = Index.load(path)
@@ -325,10 +330,11 @@ def test_save_load_round_trip(data, tmp_path):
   loaded.save(path)
   again = Index.load(path)
   assert again.num_vectors == 2007
-  np.testing.assert_array_equal(again.search(queries, 5, "exact")[0],
-                                loaded.search(queries, 5, "exact")[0])
+  np.testing.assert_array_equal(again.search(queries, 10, "exact")[0],
+                                loaded.search(queries, 10, "exact")[0])
   Index.build(database, stores={32: "float32"}).save(path)
-  assert Index.load(path).store_dims == [32]
+  assert Index.load(path).store_dims == [32] and Index.load(path).ann_names == []
+  assert sorted(os.listdir(path)) == ["manifest.json", "stores"]
   assert sorted(os.listdir(path + "/stores")) == ["dim32"]
   assert sorted(os.listdir(tmp_path)) == ["idx"]  # No temporary directories left behind.
 
