@@ -151,3 +151,75 @@ def test_embed_workdir_split_refuses_a_text_workdir_with_the_fix(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"task": "mlm", "data": {"name": "x"}}))
   with pytest.raises(workdir_embeddings.WorkdirEmbeddingError, match="embed_text"):
     workdir_embeddings.embed_workdir_split(str(tmp_path), "train")
+
+
+def test_retrieval_comparison_runs_compare_retrievals_methods_as_index_plans():
+  """Probe mode's funnel_retrieval (an Index's plans) equals funnel.compare_retrieval's."""
+  from mrl_jax.evaluation import funnel, probe_settings
+  rng = np.random.default_rng(3)
+  centres = rng.standard_normal((8, 48))
+  train_y, test_y = rng.integers(0, 8, 400), rng.integers(0, 8, 60)
+  scale = np.linspace(2.0, 0.3, 48)  # Early coordinates carry more of the class: nested-ish.
+  train_z = ((centres[train_y] + rng.standard_normal((400, 48))) * scale).astype(np.float32)
+  test_z = ((centres[test_y] + rng.standard_normal((60, 48))) * scale).astype(np.float32)
+  settings = probe_settings.check_probe_settings(
+      {"funnel_dims": (4, 8, 16, 64), "funnel_shortlists": (300, 100, 40, 20),
+       "shortlist_dim": 8, "shortlist_size": 500})
+  got = probe.retrieval_comparison(train_z, train_y, test_z, test_y, settings, repeats=1)
+  want = funnel.compare_retrieval(test_z, test_y, train_z, train_y, shortlist_dim=8,
+                                  shortlist_size=400, funnel_dims=(4, 8, 16, None),
+                                  funnel_shortlists=(300, 100, 40, 20))
+  json.dumps(got, allow_nan=False)
+  for key in ("k", "num_queries", "num_database", "full_dim"):
+    assert got[key] == want[key], key
+  for method in ("single_shot_full", "adaptive", "funnel"):
+    for key, value in want[method].items():
+      if key != "seconds":
+        assert got[method][key] == value, (method, key)
+    assert got[method]["seconds"] > 0 and got[method]["queries_per_s"] > 0
+  assert got["funnel"]["plan"] == "funnel:4,8,16,48:300,100,40,20"
+  assert got["adaptive"]["plan"] == "adaptive:8:400:48"
+  assert got["funnel"]["bytes_per_vector"] == 4 * (4 + 8 + 16 + 48)
+
+
+@pytest.mark.slow
+def test_index_cli_builds_from_a_workdir_and_benches_on_its_test_split(trained_workdir,
+                                                                         tmp_path, capsys):
+  """`mrl_jax.tools.index build --workdir` / `bench --workdir`: mAP@10 as the probe measures it."""
+  from mrl_jax.retrieval.index import Index
+  from mrl_jax.retrieval.workdir_embeddings import embed_workdir_split
+  from mrl_jax.tools import index as index_cli
+  out, bench_json = str(tmp_path / "index"), str(tmp_path / "bench.json")
+  index_cli.main(["build", "--workdir", trained_workdir, "--split", "train", "--out", out])
+  assert "1437 vectors, 64 dims" in capsys.readouterr().out
+  index_cli.main(["bench", "--index", out, "--workdir", trained_workdir, "--split", "test",
+                  "--plans", "exact", "adaptive:16:200:64", "--repeats", "1",
+                  "--out", bench_json])
+  assert "adaptive:16:200:64" in capsys.readouterr().out
+  with open(bench_json) as f:
+    rows = {row["plan"]: row for row in json.load(f)["rows"]}
+  index = Index.load(out)  # Its stored (unit-normalised) train rows and their labels.
+  train_z, train_y = index.store(64).decoded(), index.labels
+  test_z, test_y = embed_workdir_split(trained_workdir, "test")
+  want = probe.knn_metrics(train_z, train_y, test_z, test_y, 10, 5, (10,))["map@10"]
+  assert rows["exact"]["metrics"]["map@10"] == pytest.approx(want, abs=0.01)
+  assert rows["exact"]["metrics"]["recall_exact@10"] == 1.0
+
+
+def test_retrieval_comparison_adds_an_ann_shortlist_row_when_asked(tmp_path):
+  from mrl_jax.evaluation import probe_settings, report
+  rng = np.random.default_rng(4)
+  train_z = rng.standard_normal((300, 32)).astype(np.float32)
+  test_z = (train_z[:30] + 0.01 * rng.standard_normal((30, 32))).astype(np.float32)
+  train_y = np.arange(300) % 5
+  settings = probe_settings.check_probe_settings(
+      {"funnel_dims": (8, 16), "funnel_shortlists": (100, 50), "shortlist_dim": 16,
+       "shortlist_size": 100, "retrieval_ann": "hnsw"})
+  got = probe.retrieval_comparison(train_z, train_y, test_z, train_y[:30], settings, repeats=1)
+  row = got["adaptive_hnsw"]
+  assert row["plan"] == "adaptive:16:100:32@hnsw" and row["mflops"] is None
+  # Each query is a slightly moved copy of database row i: found first, at 16 dims too.
+  assert row["top1"] == 1.0 and got["adaptive"]["top1"] == 1.0
+  json.dumps(got, allow_nan=False)
+  report._plot_retrieval(got, str(tmp_path / "retrieval.png"))  # The ANN row is left off.
+  assert os.path.getsize(tmp_path / "retrieval.png") > 0

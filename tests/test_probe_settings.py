@@ -28,6 +28,7 @@ FLAG_VALUES = {
     "test_split": ("test[:10]", "test[:10]"), "batch_size": ("64", 64),
     "baseline_workdir": ("/tmp/ff_run", "/tmp/ff_run"),
     "adaptive_splits": ("5", 5), "adaptive_method": ("pairwise", "pairwise"),
+    "retrieval_ann": ("hnsw", "hnsw"),
 }
 
 
@@ -77,6 +78,7 @@ BAD = [
     ("train_split", "", "non-empty string"), ("baseline_workdir", 5, "string"),
     ("data", {"data_dir": "/x"}, "dataset name"),
     ("adaptive_splits", 0, ">= 1"), ("adaptive_method", "exhaustive", "'greedy' or 'pairwise'"),
+    ("retrieval_ann", "flat", r"one of \('hnsw', 'ivf'\)"),
 ]
 
 

@@ -62,7 +62,7 @@ import numpy as np
 from mrl_jax import inference
 from mrl_jax.data import pipeline
 from mrl_jax.errors import ConfigError
-from mrl_jax.evaluation import adaptive, funnel, knn, multilabel, probe_settings as settings_lib
+from mrl_jax.evaluation import adaptive, knn, multilabel, probe_settings as settings_lib
 from mrl_jax.evaluation import retrieval
 from mrl_jax.evaluation.linear_probe import linear_probe_scores, linear_probe_top1
 from mrl_jax.evaluation.report import write_report
@@ -354,15 +354,68 @@ def single_label_rows(model: inference.RestoredModel, config: ml_collections.Con
   return out
 
 
-def retrieval_comparison(train_z, train_y, test_z, test_y, settings) -> dict[str, Any]:
-  """Adaptive and funnel retrieval against single-shot full-size search (database = train)."""
+def retrieval_comparison(train_z, train_y, test_z, test_y, settings,
+                         repeats: int = 3) -> dict[str, Any]:
+  """Single-shot full-size vs adaptive vs funnel retrieval, as plans of an `Index` over train.
+
+  The index stores float32 prefixes at the shortlist, funnel and full sizes, so every
+  plan returns the ids `funnel.compare_retrieval` would (same keys: per method
+  retrieval_metrics at k=10, "top1", "flops"/"mflops" per query, "seconds" (median of
+  `repeats` timed searches after one untimed run), the resolved settings), plus the
+  plan's text ("plan", `plans.parse_plan` form), "queries_per_s" and "bytes_per_vector".
+  settings["retrieval_ann"] ("hnsw" / "ivf") adds "adaptive_<kind>": the adaptive plan
+  with that faiss shortlist at shortlist_dim (flops / mflops None: an ANN's work is not
+  a multiply-add count).
+  """
+  from mrl_jax.retrieval import plans
+  from mrl_jax.retrieval.index import Index
+  train_z = np.ascontiguousarray(train_z, np.float32)
+  test_z = np.ascontiguousarray(test_z, np.float32)
+  test_y, train_y = np.asarray(test_y).reshape(-1), np.asarray(train_y).reshape(-1)
   full = train_z.shape[1]
   db_size = len(train_z)
+  k = 10
   funnel_dims = [d for d in settings["funnel_dims"] if d < full]
   shortlists = [min(s, db_size) for s in settings["funnel_shortlists"][:len(funnel_dims) + 1]]
-  funnel_dims = funnel_dims[:len(shortlists) - 1] + [None]
-  return funnel.compare_retrieval(
-      test_z, test_y, train_z, train_y,
-      shortlist_dim=min(settings["shortlist_dim"], full),
-      shortlist_size=min(settings["shortlist_size"], db_size),
-      funnel_dims=tuple(funnel_dims), funnel_shortlists=tuple(shortlists), repeats=3)
+  funnel_dims = funnel_dims[:len(shortlists) - 1] + [full]
+  shortlist_dim = min(settings["shortlist_dim"], full)
+  shortlist_size = min(settings["shortlist_size"], db_size)
+  methods = {
+      "single_shot_full": (plans.Exact(), {"dim": full}),
+      "adaptive": (plans.Adaptive(shortlist_dim, shortlist_size, full),
+                   {"shortlist_dim": shortlist_dim, "rerank_dim": full,
+                    "shortlist_size": shortlist_size}),
+      "funnel": (plans.Funnel(tuple(funnel_dims), tuple(shortlists)),
+                 {"dims": funnel_dims, "shortlists": shortlists}),
+  }
+  ann = None
+  if settings.get("retrieval_ann"):
+    from mrl_jax.retrieval.ann import AnnSpec
+    kind = settings["retrieval_ann"]
+    ann = {kind: AnnSpec(kind=kind, dim=shortlist_dim, seed=settings.get("seed", 0))}
+    methods[f"adaptive_{kind}"] = (
+        plans.Adaptive(shortlist_dim, shortlist_size, full, shortlist=kind),
+        {"shortlist_dim": shortlist_dim, "rerank_dim": full, "shortlist_size": shortlist_size})
+  index = Index.build(train_z, stores={d: "float32" for d in {shortlist_dim, full, *funnel_dims}},
+                      ann=ann)
+  out: dict[str, Any] = {"k": k, "num_queries": int(len(test_z)), "num_database": int(db_size),
+                         "full_dim": full}
+  for name, (plan, resolved) in methods.items():
+    ids, _ = index.search(test_z, k, plan)  # Untimed: compiles, and gives the ids measured.
+    times = []
+    for _ in range(max(1, repeats)):
+      begin = time.perf_counter()
+      index.search(test_z, k, plan)
+      times.append(time.perf_counter() - begin)
+    seconds = float(np.median(times))
+    labels = np.where(ids >= 0, train_y[np.maximum(ids, 0)], -1)  # -1: an ANN found fewer.
+    result = retrieval.retrieval_metrics(labels, test_y, train_y, (k,))
+    result["top1"] = float(np.mean(labels[:, 0] == test_y))
+    # An ANN's own work (graph hops, list scans) is no multiply-add count: None.
+    exact_shortlist = getattr(plan, "shortlist", plans.EXACT_SHORTLIST) == plans.EXACT_SHORTLIST
+    flops = plans.plan_flops(plan, db_size, full) if exact_shortlist else None
+    result.update(flops=flops, mflops=None if flops is None else flops / 1e6, seconds=seconds,
+                  queries_per_s=len(test_z) / max(seconds, 1e-12), plan=plans.plan_name(plan),
+                  bytes_per_vector=index.bytes_per_vector(plan), **resolved)
+    out[name] = result
+  return out

@@ -27,6 +27,10 @@ Fields:
                      stages at or above the embedding's width are dropped).
   funnel_shortlists  candidates kept per stage, one per funnel_dims entry
                      (non-increasing, >= 1).
+  retrieval_ann      an approximate shortlist to add to the retrieval comparison: "hnsw"
+                     or "ivf" (a faiss index over the shortlist_dim prefix; the row
+                     "adaptive_<kind>" shortlists shortlist_size with it and reranks at
+                     full size), or None (unset: exact shortlists only).
   train_split, test_split
                      splits of the probe's data (default: data.train_split /
                      data.eval_split).
@@ -56,11 +60,13 @@ DEFAULTS: dict[str, Any] = dict(
     holdout_fraction=0.5, adaptive_splits=30, adaptive_method="greedy", seed=0,
     shortlist_dim=16, shortlist_size=200,
     funnel_dims=(16, 32, 64, 128, 256), funnel_shortlists=(200, 100, 50, 25, 10),
-    train_split=None, test_split=None, batch_size=256, baseline_workdir=None, data=None)
+    retrieval_ann=None, train_split=None, test_split=None, batch_size=256, baseline_workdir=None,
+    data=None)
 
 # Fields whose default is None but that take a string: typed placeholders, so that
 # `--config.probe.FIELD=VALUE` parses (a plain None field refuses every override).
-_STRING_FIELDS = ("train_split", "test_split", "baseline_workdir")
+_STRING_FIELDS = ("train_split", "test_split", "baseline_workdir", "retrieval_ann")
+RETRIEVAL_ANN_KINDS = ("hnsw", "ivf")
 
 
 def default_probe_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -146,6 +152,10 @@ def check_probe_settings(probe: Mapping[str, Any] | None) -> dict[str, Any]:
     raise ConfigError(f"config.probe.funnel_shortlists has {len(keeps)} entries but "
                       f"funnel_dims has {len(dims)}: give one shortlist per stage.")
   out["funnel_shortlists"] = keeps
+  if s["retrieval_ann"] is not None and s["retrieval_ann"] not in RETRIEVAL_ANN_KINDS:
+    raise ConfigError(f"config.probe.retrieval_ann={s['retrieval_ann']!r}: must be one of "
+                      f"{RETRIEVAL_ANN_KINDS} (a faiss shortlist) or unset.")
+  out["retrieval_ann"] = s["retrieval_ann"]
   out["train_split"] = _optional_string("train_split", s["train_split"])
   out["test_split"] = _optional_string("test_split", s["test_split"])
   out["batch_size"] = _int_at_least("batch_size", s["batch_size"], 1)

@@ -52,7 +52,8 @@ def _plot_cascade(adaptive: dict[str, Any], path: str) -> None:
 def _plot_retrieval(funnel: dict[str, Any], path: str) -> None:
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for name, result in funnel.items():
-    if isinstance(result, dict) and "mflops" in result:
+    # An ANN-shortlist row has no multiply-add count (mflops None): not on this plot.
+    if isinstance(result, dict) and result.get("mflops") is not None:
       ax.scatter(result["mflops"], result["map@10"], label=name)
   finish_plot(fig, ax, path, "MFLOPs per query (multiply-adds)", "mAP@10", base=10)
 
@@ -156,11 +157,14 @@ def write_report(summary: dict[str, Any], out_dir: str) -> None:
   adaptive = summary.get("adaptive_classification")  # None: multi-label head
   lines += [] if adaptive is None else _adaptive_lines(adaptive)
   lines += ["## Retrieval: single-shot vs adaptive vs funnel", "",
-            "| method | mAP@10 | top-1 | MFLOPs/query | wall s |", "|---|---|---|---|---|"]
+            "| method | plan | mAP@10 | top-1 | MFLOPs/query | wall s | queries/s |",
+            "|---|---|---|---|---|---|---|"]
   for name, r in summary["funnel_retrieval"].items():
-    if isinstance(r, dict) and "mflops" in r:
-      lines.append(f"| {name} | {100 * r['map@10']:.2f} | {100 * r['top1']:.2f} | "
-                   f"{r['mflops']:.3f} | {r['seconds']:.3f} |")
+    if isinstance(r, dict) and "map@10" in r:
+      mflops = "-" if r.get("mflops") is None else f"{r['mflops']:.3f}"
+      qps = f"{r['queries_per_s']:.0f}" if "queries_per_s" in r else "-"
+      lines.append(f"| {name} | `{r.get('plan', '-')}` | {100 * r['map@10']:.2f} | "
+                   f"{100 * r['top1']:.2f} | {mflops} | {r['seconds']:.3f} | {qps} |")
   lines += [""] + [f"![{title}]({name})" for title, name in images] + [""]
   with open(os.path.join(out_dir, "report.md"), "w") as f:
     f.write("\n".join(lines))

@@ -27,7 +27,8 @@ class WorkdirEmbeddingError(UserError, ValueError):
   """A workdir whose kind of model has no embedding of a data split here."""
 
 
-def _data_config(config: ml_collections.ConfigDict, data_dir: str | None) -> ml_collections.ConfigDict:
+def _data_config(config: ml_collections.ConfigDict,
+                 data_dir: str | None) -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict(config.data.to_dict())
   if data_dir is not None:
     data.data_dir = data_dir

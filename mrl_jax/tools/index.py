@@ -18,9 +18,10 @@ build: the database is a float32 [N, d] .npy (memory-mapped, read in row blocks)
 search: writes the ids [Q, k] (int64) to --out and the distances (float32 squared
   L2 between unit-normalised prefixes) beside it (`ids_distances.npy` for `ids.npy`);
   prints queries/s of one search after an untimed one (JAX compiles on first use; the
-  warm-up runs all queries up to 4,096, else the first 1,024). Plans: see `mrl_jax.retrieval.plans.parse_plan` ("exact",
-  "exact:256", "adaptive:16:200:2048", "funnel:16,64,2048:200,50", an "@ANN" suffix,
-  "target:map@10:0.01" once the index is calibrated).
+  warm-up runs all queries up to 4,096, else the first 1,024). Plans: see
+  `mrl_jax.retrieval.plans.parse_plan` ("exact", "exact:256", "adaptive:16:200:2048",
+  "funnel:16,64,2048:200,50", an "@ANN" suffix, "target:map@10:0.01" once the index is
+  calibrated; a target prints the plan it chose).
 bench: calibrates the plans on the queries (`Index.calibrate`: queries/s, mAP@k with
   labels, recall of exact full-size top-k), prints a table, saves the calibration in
   the index (so target plans work in search) and, with --out, writes it as JSON.
@@ -133,8 +134,8 @@ def parse_ann(texts: Sequence[str] | None) -> dict[str, Any] | None:
     if not name or len(fields) < 2 or fields[0] not in ("hnsw", "ivf") or not fields[1].isdigit():
       raise ArgumentError(f"--ann entry {item!r} does not parse: {usage}.")
     if name in specs or name == "exact":
-      raise ArgumentError(f"--ann name {name!r} is {'reserved' if name == 'exact' else 'given twice'}"
-                          ": give each shortlist its own name.")
+      why = "reserved" if name == "exact" else "given twice"
+      raise ArgumentError(f"--ann name {name!r} is {why}: give each shortlist its own name.")
     options: dict[str, int] = {}
     for option in fields[2:]:
       key, _, value = option.partition("=")
