@@ -76,14 +76,10 @@ def final_params(workdir):
 
 # ---------------------------------------------------------------- the runlocal run
 @pytest.fixture(scope="module")
-def trained(image_text_demo_data_dir, tmp_path_factory):
-  """(workdir, config, summary) of a short :runlocal run with both evaluators."""
-  workdir = str(tmp_path_factory.mktemp("align_run"))
-  # The evaluators on the first 256 test images (and their captions): seconds, not tens.
-  config = align_config(image_text_demo_data_dir, evaluators=True, vit_tower=False,
-                        total_steps=120, log_every_steps=10, checkpoint_every_steps=120,
-                        **{"zero_shot.split": "test[:256]", "retrieval.split": "test[:256]"})
-  return workdir, config, train.train_and_evaluate(config, workdir)
+def trained(align_runlocal_run):
+  """(workdir, config, summary) of a 120-step :runlocal run with both evaluators (the
+  session's one run, tests/conftest.py; test_dual_probe.py restores and probes it)."""
+  return align_runlocal_run
 
 
 @pytest.mark.slow

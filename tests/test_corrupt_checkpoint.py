@@ -11,6 +11,7 @@ kept as `6.corrupt`, never deleted.
 
 import json
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -31,10 +32,12 @@ def _config(data_dir):
 
 
 @pytest.fixture(scope="module")
-def trained(digits_data_dir, tmp_path_factory):
-  """(workdir, {step: loss}) of an uninterrupted run; copy it, never modify it."""
-  workdir = tmp_path_factory.mktemp("trained")
-  train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+def trained(digits_data_dir, quickstart_runlocal_run):
+  """(workdir, {step: loss}) of an uninterrupted run; copy it, never modify it. The
+  session's quickstart:runlocal run (tests/conftest.py) is this config's run."""
+  workdir, config, _ = quickstart_runlocal_run
+  assert config.to_dict() == _config(digits_data_dir).to_dict()
+  workdir = pathlib.Path(workdir)
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
   return workdir, train_losses(workdir)
 

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mrl_jax import inference, sharding, train
+from mrl_jax import inference, sharding
 from mrl_jax.data import caption_demo
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluation import cross_modal_retrieval, dual_baselines, probe, zero_shot
@@ -30,14 +30,11 @@ def runlocal(data_dir: str) -> ml_collections.ConfigDict:
 
 
 @pytest.fixture(scope="module")
-def trained(image_text_demo_data_dir, tmp_path_factory):
-  """(workdir, config, summary) of a 30-step :runlocal run (both final evaluators)."""
-  workdir = str(tmp_path_factory.mktemp("dual_run"))
-  config = runlocal(image_text_demo_data_dir)
-  config.total_steps = 30
-  config.checkpoint_every_steps = 30
-  config.log_every_steps = 30
-  return workdir, config, train.train_and_evaluate(config, workdir)
+def trained(align_runlocal_run):
+  """(workdir, config, summary) of a 120-step :runlocal run (both final evaluators on the
+  whole test split): the session's one run (tests/conftest.py), which
+  test_align_train.py checks learnt."""
+  return align_runlocal_run
 
 
 def _test_pairs(config, n):
@@ -57,7 +54,8 @@ def test_restored_dual_encoder_embeds_every_prefix(trained):
   workdir, config, _ = trained
   model = inference.load(workdir, batch_size=32)
   assert isinstance(model, RestoredDualEncoder)
-  assert model.dims == (8, 16, 32, 64) and model.batch_size == 32 and model.step == 30
+  assert model.dims == (8, 16, 32, 64) and model.batch_size == 32
+  assert model.step == config.total_steps == 120
   assert model.workdir == os.path.abspath(workdir)
   images, texts, _ = _test_pairs(config, 50)
 
