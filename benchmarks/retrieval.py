@@ -19,7 +19,12 @@ with m, so small prefixes separate classes worse than the full size (as in a tra
 MRL embedding). `noise` sets how hard the task is; `--calibrate` bisects it on a
 subsample (--calibrate_rows, same classes) until exact full-size mAP@10 reaches
 --target_map, and the run uses that value (the subsample's prefix mAPs are printed
-and kept in the JSON). The database is written straight into a float32 .npy in row
+and kept in the JSON). The defaults (decay 1.0, noise 0.75, 1000 classes) were chosen so:
+measured on 200k rows at noise 0.72, exact mAP@10 by prefix 8 / 16 / 64 / 2048 was
+0.06 / 0.28 / 0.57 / 0.66 with 1000 classes (200 per class) and 0.24 / 0.60 / 0.84 /
+0.89 with 200 classes (1000 per class, as at 1M); 1M rows with 1000 classes lie between
+(more rows per class raise mAP, more distractors lower it). Decay 0.75 made the 16-dim
+prefix almost useless (0.06 vs 0.61), 1.25 made 64 dims as good as 2048. The database is written straight into a float32 .npy in row
 blocks; it is never in memory at once except where a method needs it.
 
 Protocol. The queries are split (seeded) into a tuning half and a reported half.
@@ -53,8 +58,9 @@ Methods (one at a time, each freed before the next; peak RSS in the JSON):
                       GPU its exact stage runs on the device: the GPU goal's reference).
 A baseline whose build would pass --max_build_s (900 s) is built on the largest
 prefix of the database rows that fits: HNSW adds row blocks until the next would
-pass the budget; IVF and ScaNN time a pilot build on 50k rows and scale it as
-n^1.5 (k-means over ~sqrt(n) lists). Such a row says "built on n of N": its
+pass the budget; IVF and ScaNN time a pilot build on 50k rows and scale its parts
+(IVF: k-means on 40 points per list ~ n, adding n rows to ~4 sqrt(n) lists ~ n^1.5;
+ScaNN: n^e with e fitted from pilots at 25k and 50k rows, clamped to [1, 1.5]). Such a row says "built on n of N": its
 queries/s is measured on the smaller database (flattering it), and its mAP@10 and
 recall are against exact search over those same n rows (the bar too), so they show
 how close it gets to exact on its own database, not a full-database result.
@@ -106,6 +112,15 @@ def log(*args: Any) -> None:
 
 def peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB.
+
+
+def rss_gb() -> float:
+  """Resident memory now (Linux /proc; 0 elsewhere): shows each method's memory was freed."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+  except OSError:
+    return 0.0
 
 
 def normalized(x: np.ndarray) -> np.ndarray:
@@ -451,11 +466,21 @@ def build_faiss_hnsw(db: Database, args: argparse.Namespace, rows: int) -> Built
                       "ef_construction": args.ef_construction})
 
 
-def _largest_rows_within(budget_s: float, total: int, pilot_s: float, pilot_rows: int,
-                         exponent: float) -> int:
-  if pilot_rows >= total or pilot_s * (total / pilot_rows) ** exponent <= budget_s:
+def _predicted_s(terms: Sequence[tuple[float, float]], scale: float) -> float:
+  return sum(seconds * scale ** exponent for seconds, exponent in terms)
+
+
+def _largest_rows_within(budget_s: float, total: int, pilot_rows: int,
+                         terms: Sequence[tuple[float, float]]) -> int:
+  """The most rows whose predicted build time (pilot seconds x (n / pilot)^exponent, summed
+  over the build's parts) fits the budget (at least the pilot's rows)."""
+  if pilot_rows >= total or _predicted_s(terms, total / pilot_rows) <= budget_s:
     return total
-  return max(pilot_rows, int(pilot_rows * (budget_s / pilot_s) ** (1 / exponent)))
+  low, high = pilot_rows, total
+  while high - low > max(1, total // 1000):
+    mid = (low + high) // 2
+    low, high = (mid, high) if _predicted_s(terms, mid / pilot_rows) <= budget_s else (low, mid)
+  return low
 
 
 def _ivf_lists(rows: int) -> int:
@@ -463,8 +488,11 @@ def _ivf_lists(rows: int) -> int:
 
 
 def _make_ivf(db: Database, rows: int, seed: int):
+  """IVF-Flat on the first `rows` rows: (index, [(train s, 1), (add s, 1.5)]): k-means on
+  40 points per list costs ~lists^2 ~ n, adding n rows to ~sqrt(n) lists ~ n^1.5."""
   faiss = _faiss()
   lists = _ivf_lists(rows)
+  start = time.perf_counter()
   index = faiss.IndexIVFFlat(faiss.IndexFlatL2(db.dim), db.dim, lists)
   index.cp.niter, index.cp.seed = 10, seed
   sample_ids = np.sort(np.random.default_rng(seed).choice(rows, min(rows, 40 * lists),
@@ -472,34 +500,34 @@ def _make_ivf(db: Database, rows: int, seed: int):
   memmap = db.rows.memmap()
   index.train(normalized(memmap[sample_ids]))
   del memmap
+  train_s = time.perf_counter() - start
   for _, block in db.rows.blocks(rows):
     index.add(normalized(block))
-  return index
+  return index, [(train_s, 1.0), (time.perf_counter() - start - train_s, 1.5)]
 
 
-def _pilot_rows(db: Database, args: argparse.Namespace, build: Callable[[int], Any],
-                exponent: float) -> tuple[int, str]:
-  """Rows that fit the build budget (a timed pilot build on _PILOT_ROWS, scaled as n^exponent)."""
+def _pilot_rows(db: Database, args: argparse.Namespace,
+                pilot: Callable[[], list[tuple[float, float]]]) -> tuple[int, str]:
+  """Rows that fit the build budget, from timed pilot builds (`pilot()` gives the parts'
+  seconds at _PILOT_ROWS rows and the exponents they scale with)."""
   total = db.num
   if total <= _PILOT_ROWS:
     return total, ""
-  start = time.perf_counter()
-  pilot = build(_PILOT_ROWS)
-  pilot_s = time.perf_counter() - start
-  del pilot
+  terms = pilot()
   gc.collect()
-  rows = _largest_rows_within(args.max_build_s, total, pilot_s, _PILOT_ROWS, exponent)
-  note = (f"pilot build on {_PILOT_ROWS:,} rows took {pilot_s:.1f} s; scaled as n^{exponent:g} "
-          f"the full build would take {pilot_s * (total / _PILOT_ROWS) ** exponent:.0f} s")
+  rows = _largest_rows_within(args.max_build_s, total, _PILOT_ROWS, terms)
+  parts = " + ".join(f"{s:.1f} s x (n/{_PILOT_ROWS:,})^{e:g}" for s, e in terms)
+  note = (f"pilot build on {_PILOT_ROWS:,} rows: {parts}; predicted at {total:,} rows "
+          f"{_predicted_s(terms, total / _PILOT_ROWS):.0f} s")
   log(f"    {note}")
   return rows, note
 
 
 def build_faiss_ivf(db: Database, args: argparse.Namespace, rows: int) -> Built:
   faiss = _faiss()
-  rows, note = _pilot_rows(db, args, lambda n: _make_ivf(db, n, args.seed), 1.5)
+  rows, note = _pilot_rows(db, args, lambda: _make_ivf(db, _PILOT_ROWS, args.seed)[1])
   start = time.perf_counter()
-  index = _make_ivf(db, rows, args.seed)
+  index, _ = _make_ivf(db, rows, args.seed)
   build_s = time.perf_counter() - start
   d, lists = db.dim, index.nlist
 
@@ -521,7 +549,10 @@ def build_faiss_ivf(db: Database, args: argparse.Namespace, rows: int) -> Built:
 
 
 def _scann_build(db: Database, rows: int, seed: int):
+  """ScaNN on the first `rows` rows: ((searcher, leaves), [(build s, 1.5)]) (tree k-means
+  and the assignment of n rows to ~sqrt(n) leaves ~ n^1.5)."""
   import scann
+  start = time.perf_counter()
   vectors = db.rows.normalized_rows(rows)
   leaves = max(2, int(round(math.sqrt(rows))))
   searcher = (scann.scann_ops_pybind.builder(vectors, K, "dot_product")
@@ -530,13 +561,21 @@ def _scann_build(db: Database, rows: int, seed: int):
               .score_ah(2, anisotropic_quantization_threshold=0.2)
               .reorder(max(200, K)).build())
   del vectors
-  return searcher, leaves
+  return (searcher, leaves), [(time.perf_counter() - start, 1.5)]
+
+
+def _scann_pilot(db: Database, seed: int) -> list[tuple[float, float]]:
+  """ScaNN's parts scale differently (tree k-means on a capped sample, assignment ~ n^1.5,
+  encoding ~ n): the exponent is fitted from pilots at half and all of _PILOT_ROWS, in [1, 1.5]."""
+  half = _scann_build(db, _PILOT_ROWS // 2, seed)[1][0][0]
+  full = _scann_build(db, _PILOT_ROWS, seed)[1][0][0]
+  return [(full, min(1.5, max(1.0, math.log(full / half) / math.log(2))))]
 
 
 def build_scann(db: Database, args: argparse.Namespace, rows: int) -> Built:
-  rows, note = _pilot_rows(db, args, lambda n: _scann_build(db, n, args.seed), 1.5)
+  rows, note = _pilot_rows(db, args, lambda: _scann_pilot(db, args.seed))
   start = time.perf_counter()
-  searcher, leaves = _scann_build(db, rows, args.seed)
+  (searcher, leaves), _ = _scann_build(db, rows, args.seed)
   build_s = time.perf_counter() - start
   d = db.dim
   chains = []
@@ -666,6 +705,9 @@ def build_mrl(db: Database, args: argparse.Namespace, rows: int) -> Built:
         out.append(Candidate({"plan": text, "family": family},
                              lambda q, plan=plan: index.search(q, K, plan)[0], cost))
       chains.append(out)
+  # How good each stored prefix is on its own (exact search at that size): the nested shape.
+  prefix_ids = {d: index.search(db.queries, K, f"exact:{d}")[0] for d in sorted(stores)
+                if d < full}
   if args.index_exact:  # The index's own exact full-size plan (on its full-size store's codes).
     chains.append([Candidate(
         {"plan": "exact", "family": INDEX_EXACT}, lambda q: index.search(q, K, "exact")[0],
@@ -673,7 +715,8 @@ def build_mrl(db: Database, args: argparse.Namespace, rows: int) -> Built:
   return Built("mrl", chains, build_s, rows, release=lambda: None,
                extra={"stores": {str(d): t for d, t in stores.items()},
                       "ann": {name: dataclasses.asdict(spec) for name, spec in ann.items()},
-                      "bytes_per_vector_index": float(index.bytes_per_vector())})
+                      "bytes_per_vector_index": float(index.bytes_per_vector()),
+                      "_prefix_ids": prefix_ids})
 
 
 BUILDERS = {"exact": build_exact, "faiss_flat": build_faiss_flat, "faiss_hnsw": build_faiss_hnsw,
@@ -799,6 +842,7 @@ def _run_methods(args: argparse.Namespace, db: Database, calibration: dict | Non
     return None if db.query_labels is None else db.query_labels[ids]
 
   results: dict[str, dict[str, Any]] = {}
+  prefix_exact: dict[str, dict[str, float]] = {}  # Exact search at each MRL store's prefix.
   tuning_log: dict[str, list[dict]] = {}
   exact_tuning: dict[int, float] = {}
   for method in ["exact"] + [m for m in methods if m != "exact"]:
@@ -808,6 +852,9 @@ def _run_methods(args: argparse.Namespace, db: Database, calibration: dict | Non
       reference(db.num, built.extra.pop("vectors"))
     ref = reference(built.built_rows)
     db_labels = labels_for(built.built_rows)
+    for dim, ids in built.extra.pop("_prefix_ids", {}).items():
+      prefix_exact[str(dim)] = quality(ids[report_ids], query_labels(report_ids), db_labels,
+                                       ref[report_ids])
     if built.built_rows not in exact_tuning:
       exact_tuning[built.built_rows] = quality(
           ref[tune_ids], query_labels(tune_ids), db_labels, ref[tune_ids])[metric]
@@ -823,8 +870,10 @@ def _run_methods(args: argparse.Namespace, db: Database, calibration: dict | Non
       picks = [tuner.tune(chains) for chains in per_family.values()]
     else:
       picks = [tuner.tune(built.chains)]
+    names = []
     for candidate, tune_row, log_rows in picks:
       name = _report_name(method, tune_row)
+      names.append(name)
       tuning_log[name] = log_rows
       ids, seconds = timed(lambda c=candidate: c.search(db.queries[report_ids]), args.repeats)
       mflops, bytes_per_vector = candidate.cost(db.queries[report_ids])
@@ -851,9 +900,18 @@ def _run_methods(args: argparse.Namespace, db: Database, calibration: dict | Non
     candidate = None  # The last candidate's closures hold the method's data: drop them all.
     del built, tuner, picks, candidate
     gc.collect()
+    for name in names:
+      results[name]["rss_gb_after_release"] = rss_gb()
+      results[name]["peak_rss_gb_so_far"] = peak_rss_gb()
     if method == "exact" and "exact" not in methods:
       results.pop("exact")
-  return summarize(args, db, results, tuning_log, calibration, tune_ids, report_ids, wall)
+  out = summarize(args, db, results, tuning_log, calibration, tune_ids, report_ids, wall)
+  if prefix_exact:
+    out["prefix_exact_reported"] = prefix_exact
+  if "exact" in results and "map@10" in results["exact"]:
+    value = results["exact"]["map@10"]
+    out["exact_map@10_in_0.5_0.9"] = 0.5 <= value <= 0.9
+  return out
 
 
 def _best(results: dict[str, dict], family: str, full_only: bool = False) -> str | None:
@@ -928,11 +986,17 @@ def print_table(out: dict[str, Any]) -> None:
     mark = " *" if name in out["best"].values() else ""
     subset = f" (built on {r['built_rows']:,} of {out['num_database']:,})" if r["subset"] else ""
     setting = r["setting"].get("plan") or json.dumps(r["setting"]) if r["setting"] else ""
+    if not r["tuning"]["met_bar"]:
+      setting += " (missed the bar on the tuning half: its best)"
     log(f"| {name}{mark}{subset} | {r['family']} | {f('build_s', '.1f')} | "
         f"{f('bytes_per_vector', '.0f')} | {f('queries_per_s', '.0f')} | {f('map@10', '.4f')} | "
         f"{f('precision@10', '.4f')} | {f('recall_exact@10', '.4f')} | "
-        f"{f('mflops_per_query', '.2f')} | {f('speedup_vs_exact', '.1f')} | "
+        f"{f('mflops_per_query', '.2f')} | {f('speedup_vs_exact', '.2f')} | "
         f"{f('speedup_vs_best_ann', '.2f')} | {setting} |")
+  if "prefix_exact_reported" in out:
+    log("exact search at each stored prefix (reported half): " + ", ".join(
+        f"{dim}: " + "/".join(f"{v:.4f}" for v in row.values())
+        for dim, row in out["prefix_exact_reported"].items()) + " (recall, mAP@10, P@10)")
   if "goals" in out:
     log(f"goals: {json.dumps(out['goals'])}")
 
@@ -957,8 +1021,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   data.add_argument("--dim", type=int, default=2048)
   data.add_argument("--num_queries", type=int, default=1000)
   data.add_argument("--classes", type=int, default=1000)
-  data.add_argument("--decay", type=float, default=0.75)
-  data.add_argument("--noise", type=float, default=1.1)
+  data.add_argument("--decay", type=float, default=1.0)
+  data.add_argument("--noise", type=float, default=0.75)
   data.add_argument("--seed", type=int, default=0)
   data.add_argument("--scratch", default=None,
                     help="where the synthetic database is written (kept; default a temp dir)")
@@ -993,7 +1057,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   run_args.add_argument("--mrl_ann", default="hnsw16=hnsw:16,adanns=ivf:64:16",
                         help="NAME=hnsw:DIM or NAME=ivf:DIM[:CLUSTER_DIM],...")
   run_args.add_argument("--shortlist_dims", type=_ints, default=_ints("16,32,64"))
-  run_args.add_argument("--shortlist_sizes", type=_ints, default=_ints("25,50,100,200,400,800"))
+  run_args.add_argument("--shortlist_sizes", type=_ints, default=_ints("25,50,100,200,400,800,1600"))
   run_args.add_argument("--index_exact", type=int, default=1,
                         help="also time the MRL index's own exact full-size plan (1/0)")
   run_args.add_argument("--tuning_log", action="store_true",

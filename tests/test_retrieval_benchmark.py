@@ -62,7 +62,8 @@ def test_benchmark_tiny_run_json_and_exact_reference(bench, tmp_path):
   out_file = tmp_path / "out.json"
   num, dim, nq = 3000, 32, 80
   argv = ["--num_database", str(num), "--dim", str(dim), "--num_queries", str(nq),
-          "--classes", "10", "--noise", "1.0", "--scratch", str(tmp_path / "scratch"),
+          "--classes", "10", "--decay", "0.75", "--noise", "1.0",
+          "--scratch", str(tmp_path / "scratch"),
           "--methods", "exact,faiss_flat,faiss_hnsw,faiss_ivf,mrl", "--repeats", "1",
           "--max_build_s", "0", "--block_rows", "1000",   # HNSW: one block only, a subset
           "--ef_search", "32,128", "--nprobe", "4,16", "--shortlist_dims", "8",
@@ -97,6 +98,9 @@ def test_benchmark_tiny_run_json_and_exact_reference(bench, tmp_path):
   assert methods["mrl_index_exact"]["family"] == "exact"
   assert methods["mrl_index_exact"]["recall_exact@10"] >= 0.9
   assert out["peak_rss_gb"] > 0
+  # The nested shape: exact search on the 8-dim prefix is clearly worse than at full size.
+  assert set(out["prefix_exact_reported"]) == {"8", "16"}
+  assert out["prefix_exact_reported"]["8"]["map@10"] < 0.9 * methods["exact"]["map@10"]
 
   # The exact method's mAP@10 on the reported half is a float64 brute force's (up to float32
   # near-ties at the 10th place: at most a swap or two among 40 queries x 10).
@@ -131,3 +135,34 @@ def test_benchmark_user_files_without_labels_report_recall_only(bench, tmp_path)
   bench_ids = bench.exact_top_k(bench.normalized(queries[report]),
                                 bench.in_memory_blocks(bench.normalized(database), 512), 10)
   assert (bench_ids == ids).mean() >= 0.99
+
+
+def test_build_budget_rows_from_a_pilot_follow_the_closed_form(bench):
+  # Linear part alone: 10 s at 50k rows -> 100 s at 500k; n^1.5 alone: 50k * 10^(2/3).
+  assert bench._largest_rows_within(100, 1_000_000, 50_000, [(10, 1.0)]) == pytest.approx(
+      500_000, abs=1_000)
+  assert bench._largest_rows_within(100, 1_000_000, 50_000, [(10, 1.5)]) == pytest.approx(
+      50_000 * 10 ** (2 / 3), abs=1_000)
+  both = bench._largest_rows_within(100, 1_000_000, 50_000, [(5, 1.0), (5, 1.5)])
+  assert bench._predicted_s([(5, 1.0), (5, 1.5)], both / 50_000) <= 100
+  assert bench._predicted_s([(5, 1.0), (5, 1.5)], (both + 2_000) / 50_000) > 100
+  assert bench._largest_rows_within(10_000, 1_000_000, 50_000, [(10, 1.5)]) == 1_000_000
+  assert bench._largest_rows_within(1, 1_000_000, 50_000, [(10, 1.5)]) == 50_000  # The pilot's.
+
+
+@pytest.mark.parametrize("method", ["faiss_ivf", "scann"])
+def test_pilot_budget_builds_a_subset_or_everything(bench, tmp_path, monkeypatch, method):
+  if method == "scann" and not bench.scann_available():
+    pytest.skip("ScaNN is optional and does not import here")
+  monkeypatch.setattr(bench, "_PILOT_ROWS", 1000)
+  rng = np.random.default_rng(1)
+  np.save(tmp_path / "db.npy", rng.standard_normal((3000, 16)).astype(np.float32))
+  np.save(tmp_path / "q.npy", rng.standard_normal((10, 16)).astype(np.float32))
+  args = bench.parse_args(["--database", str(tmp_path / "db.npy"),
+                           "--queries", str(tmp_path / "q.npy"), "--max_build_s", "0"])
+  db = bench.file_database(args)
+  small = bench.BUILDERS[method](db, args, db.num)
+  assert small.built_rows == 1000 and "pilot build on 1,000 rows" in small.notes
+  assert len(small.chains[0][0].search(db.queries)[0]) == bench.K
+  args.max_build_s = 1e9
+  assert bench.BUILDERS[method](db, args, db.num).built_rows == 3000
