@@ -24,7 +24,8 @@ measured on 200k rows at noise 0.72, exact mAP@10 by prefix 8 / 16 / 64 / 2048 w
 0.06 / 0.28 / 0.57 / 0.66 with 1000 classes (200 per class) and 0.24 / 0.60 / 0.84 /
 0.89 with 200 classes (1000 per class, as at 1M); 1M rows with 1000 classes lie between
 (more rows per class raise mAP, more distractors lower it). Decay 0.75 made the 16-dim
-prefix almost useless (0.06 vs 0.61), 1.25 made 64 dims as good as 2048. The database is written straight into a float32 .npy in row
+prefix almost useless (0.06 vs 0.61), 1.25 made 64 dims as good as 2048. The
+database is written straight into a float32 .npy in row
 blocks; it is never in memory at once except where a method needs it.
 
 Protocol. The queries are split (seeded) into a tuning half and a reported half.
@@ -60,7 +61,8 @@ A baseline whose build would pass --max_build_s (900 s) is built on the largest
 prefix of the database rows that fits: HNSW adds row blocks until the next would
 pass the budget; IVF and ScaNN time a pilot build on 50k rows and scale its parts
 (IVF: k-means on 40 points per list ~ n, adding n rows to ~4 sqrt(n) lists ~ n^1.5;
-ScaNN: n^e with e fitted from pilots at 25k and 50k rows, clamped to [1, 1.5]). Such a row says "built on n of N": its
+ScaNN: n^e with e fitted from pilots at 25k and 50k rows, clamped to [1, 1.5]).
+Such a row says "built on n of N": its
 queries/s is measured on the smaller database (flattering it), and its mAP@10 and
 recall are against exact search over those same n rows (the bar too), so they show
 how close it gets to exact on its own database, not a full-database result.
@@ -1057,7 +1059,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   run_args.add_argument("--mrl_ann", default="hnsw16=hnsw:16,adanns=ivf:64:16",
                         help="NAME=hnsw:DIM or NAME=ivf:DIM[:CLUSTER_DIM],...")
   run_args.add_argument("--shortlist_dims", type=_ints, default=_ints("16,32,64"))
-  run_args.add_argument("--shortlist_sizes", type=_ints, default=_ints("25,50,100,200,400,800,1600"))
+  run_args.add_argument("--shortlist_sizes", type=_ints,
+                        default=_ints("25,50,100,200,400,800,1600"))
   run_args.add_argument("--index_exact", type=int, default=1,
                         help="also time the MRL index's own exact full-size plan (1/0)")
   run_args.add_argument("--tuning_log", action="store_true",

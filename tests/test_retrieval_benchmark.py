@@ -1,4 +1,4 @@
-"""benchmarks/retrieval.py on tiny databases: its data, its exact reference, its JSON and protocol."""
+"""benchmarks/retrieval.py on tiny databases: its data, exact reference, JSON, protocol, budgets."""
 
 from __future__ import annotations
 
