@@ -105,6 +105,7 @@ _READ_BLOCK_BYTES = 1 << 26   # Rows read from the database file per block (64 M
 _SCAN_BLOCK_ROWS = 32768      # Database rows per matmul block of exact search.
 _PILOT_ROWS = 50_000          # Pilot build size of the IVF / ScaNN build-time estimate.
 _NORM_EPS = 1e-12             # As evaluation.knn.l2_normalize.
+SCANN_MEMORY_FACTOR = 4.0     # ScaNN's build peak / its float32 input (measured 3.75).
 GENERATE_ROWS = 8192          # Synthetic rows per seeded random stream (and per write).
 
 
@@ -576,6 +577,14 @@ def _scann_pilot(db: Database, seed: int) -> list[tuple[float, float]]:
 
 def build_scann(db: Database, args: argparse.Namespace, rows: int) -> Built:
   rows, note = _pilot_rows(db, args, lambda: _scann_pilot(db, args.seed))
+  # Its build peaks near SCANN_MEMORY_FACTOR x the float32 vectors (6.5 GB peak RSS for
+  # 1.6 GB at 200k x 2048): cap the rows so the run stays under --max_rss_gb.
+  fit = int(max(0.0, args.max_rss_gb - rss_gb() - 1.0) * 2**30 / (SCANN_MEMORY_FACTOR * 4 * db.dim))
+  if fit < rows:
+    rows = max(min(rows, _PILOT_ROWS), fit)
+    note = (note + "; " if note else "") + (f"memory: built on {rows:,} rows to stay under "
+                                            f"{args.max_rss_gb:g} GB resident")
+    log(f"    {note}")
   start = time.perf_counter()
   (searcher, leaves), _ = _scann_build(db, rows, args.seed)
   build_s = time.perf_counter() - start
@@ -1045,6 +1054,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   run_args.add_argument("--repeats", type=int, default=3)
   run_args.add_argument("--tune_repeats", type=int, default=1)
   run_args.add_argument("--max_build_s", type=float, default=900.0)
+  run_args.add_argument("--max_rss_gb", type=float, default=20.0,
+                        help="ScaNN is built on fewer rows if its build would pass this")
   run_args.add_argument("--block_rows", type=int, default=0,
                         help="database rows read (and added to HNSW) per block; 0: 64 MiB")
   run_args.add_argument("--hnsw_neighbours", type=int, default=32)

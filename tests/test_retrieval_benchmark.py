@@ -166,3 +166,7 @@ def test_pilot_budget_builds_a_subset_or_everything(bench, tmp_path, monkeypatch
   assert len(small.chains[0][0].search(db.queries)[0]) == bench.K
   args.max_build_s = 1e9
   assert bench.BUILDERS[method](db, args, db.num).built_rows == 3000
+  if method == "scann":  # Its build's memory is capped too: no room left -> the pilot's rows.
+    args.max_rss_gb = 0.0
+    capped = bench.BUILDERS[method](db, args, db.num)
+    assert capped.built_rows == 1000 and "memory: built on 1,000 rows" in capped.notes
