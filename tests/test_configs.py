@@ -56,22 +56,33 @@ def test_every_config_opens_with_its_run_command():
     assert first.startswith("# python -m mrl_jax.main --config configs/"), path
 
 
+# Configs whose runlocal run other tests train anyway, trained once for the session by
+# tests/conftest.py's fixtures: here their summaries are checked, without a second run.
+SHARED_RUNS = {"quickstart.py": "quickstart_runlocal_run",  # test_train, corrupt_checkpoint
+               "align.py": "align_runlocal_run",  # test_align_train, test_dual_probe
+               "vit_jft.py": "runlocal_run",  # test_vit_jft resumes a copy
+               "vit_imagenet21k.py": "runlocal_run"}  # test_init_from fine-tunes from it
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_runlocal_trains_and_writes_a_summary(path, digits_data_dir, tmp_path, request):
   config = load_config(path, "runlocal")
-  if config.data.name in ("mrl_digits", "mrl_demo_corpus", "mrl_two_digits"):  # built on first use
-    config.data.data_dir = digits_data_dir
-  if config.data.name == "mrl_text_demo":
-    config.data.data_dir = request.getfixturevalue("text_demo_data_dir")
-    # The minute-long demo run, cut to a smoke run (tests/test_bert_mlm.py trains it).
-    config.total_steps = 8
-  if config.data.name == "mrl_digit_captions":
-    config.data.data_dir = request.getfixturevalue("image_text_demo_data_dir")
-    # The minute-long demo run, cut to a smoke run (tests/test_align_train.py trains it).
-    config.total_steps = 8
-  summary = train.train_and_evaluate(config, str(tmp_path))
-  with open(tmp_path / "summary.json") as f:
+  name = os.path.basename(path)
+  if name in SHARED_RUNS:
+    run = request.getfixturevalue(SHARED_RUNS[name])
+    workdir, run_config, summary = run(name) if callable(run) else run
+    assert run_config.model.to_dict() == config.model.to_dict()  # the runlocal model
+  else:
+    if config.data.name in ("mrl_digits", "mrl_demo_corpus", "mrl_two_digits"):  # built on first use
+      config.data.data_dir = digits_data_dir
+    if config.data.name == "mrl_text_demo":
+      config.data.data_dir = request.getfixturevalue("text_demo_data_dir")
+      # The minute-long demo run, cut to a smoke run (tests/test_bert_mlm.py trains it).
+      config.total_steps = 8
+    workdir = str(tmp_path)
+    summary = train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["dims"] == summary["dims"] == list(config.nesting.dims)
 
 

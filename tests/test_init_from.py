@@ -23,11 +23,9 @@ def by_path(tree):
 
 
 @pytest.fixture(scope="module")
-def pretrained(digits_data_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("pretrained"))
-  config = load_config(I21K, "runlocal")
-  config.data.data_dir = digits_data_dir
-  train.train_and_evaluate(config, workdir)
+def pretrained(runlocal_run):
+  """The session's vit_imagenet21k:runlocal run (tests/conftest.py): read, never changed."""
+  workdir, _, _ = runlocal_run("vit_imagenet21k.py")
   return workdir
 
 

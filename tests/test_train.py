@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -41,18 +42,18 @@ def train_losses(workdir):
 
 
 @pytest.mark.slow
-def test_train_writes_summary_metrics_and_checkpoints(digits_data_dir, tmp_path):
-  config = quickstart_config(digits_data_dir)
-  summary = train.train_and_evaluate(config, str(tmp_path))
+def test_train_writes_summary_metrics_and_checkpoints(quickstart_runlocal_run):
+  workdir, config, summary = quickstart_runlocal_run  # quickstart_config(), trained once
+  workdir = pathlib.Path(workdir)
   dims = list(config.nesting.dims)
-  with open(tmp_path / "summary.json") as f:
+  with open(workdir / "summary.json") as f:
     on_disk = json.load(f)
   assert on_disk["dims"] == dims == summary["dims"]
   assert on_disk["steps"] == config.total_steps
   assert set(on_disk["val_top1"]) == {str(m) for m in dims}
   assert all(0.0 <= v <= 1.0 for v in on_disk["val_top1"].values())
   assert on_disk["eval_examples"] == 360  # every test digit, padding masked out
-  rows = read_metrics(tmp_path)
+  rows = read_metrics(workdir)
   assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, config.total_steps + 1))
   row = rows[0]
   for m in dims:
@@ -61,8 +62,8 @@ def test_train_writes_summary_metrics_and_checkpoints(digits_data_dir, tmp_path)
     assert key in row
   # The total loss is the weighted (all-ones) sum of the per-size losses.
   assert row["train/loss"] == pytest.approx(sum(row[f"train/loss_d{m}"] for m in dims), rel=1e-5)
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
-  assert os.listdir(tmp_path / "tensorboard")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+  assert os.listdir(workdir / "tensorboard")
 
 
 @pytest.mark.slow
@@ -84,10 +85,12 @@ def test_training_reduces_the_loss(digits_data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_rerun_resumes_on_the_same_batches(digits_data_dir, tmp_path,
-                                                             monkeypatch):
+                                                             monkeypatch,
+                                                             quickstart_runlocal_run):
+  # The uninterrupted run: the same config, saving at 3 and 6 (the saves do not change
+  # the losses), trained once for the session.
+  uninterrupted, _, _ = quickstart_runlocal_run
   config = quickstart_config(digits_data_dir, checkpoint_every_steps=100)
-  uninterrupted = tmp_path / "uninterrupted"
-  train.train_and_evaluate(config, str(uninterrupted))
 
   # A real SIGTERM arrives while the third batch is being assembled.
   calls = {"n": 0}

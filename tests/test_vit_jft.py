@@ -1,8 +1,10 @@
 """configs/vit_jft.py end to end: runlocal trains, resumes and evaluates; the full config
 compiles for an 8-device mesh; the 18k-class sigmoid head never gathers all classes."""
 
+import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,18 +13,19 @@ import pytest
 
 from conftest import subprocess_env
 from mrl_jax import train
-from test_configs import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIT_JFT = os.path.join(ROOT, "configs", "vit_jft.py")
 
 
 @pytest.mark.slow
-def test_runlocal_trains_resumes_and_runs_the_knn_evaluator(digits_data_dir, tmp_path):
-  config = load_config(VIT_JFT, "runlocal")
-  config.data.data_dir = digits_data_dir
-  first = train.train_and_evaluate(config, str(tmp_path))
+def test_runlocal_trains_resumes_and_runs_the_knn_evaluator(runlocal_run, tmp_path):
+  # The first run is the session's vit_jft:runlocal run (tests/conftest.py); a copy resumes.
+  source, config, first = runlocal_run("vit_jft.py")
   assert first["steps"] == 6 and first["dataset"] == "mrl_demo_corpus"
+  tmp_path = tmp_path / "run"
+  shutil.copytree(source, tmp_path)
+  config = copy.deepcopy(config)  # the shared run's config stays as it was
   assert set(os.listdir(tmp_path / "checkpoints")) >= {"3", "6"}
   config.total_steps = 8
   second = train.train_and_evaluate(config, str(tmp_path))
