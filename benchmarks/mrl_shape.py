@@ -61,7 +61,8 @@ def base_config(dims: tuple[int, ...], steps: int, data_dir: str | None, width: 
   return config
 
 
-def _trained(workdir: str, steps: int) -> bool:
+def finished_run(workdir: str, steps: int) -> bool:
+  """Whether `workdir` holds a finished run of `steps` steps (its summary.json says so)."""
   try:
     with open(os.path.join(workdir, "summary.json")) as f:
       return json.load(f).get("steps") == steps
@@ -74,7 +75,7 @@ def train_and_probe(name: str, config, workdir: str, timings: dict[str, float]) 
   print(f"=== {name}: head={config.head}, ff_dim={config.get('ff_dim')}, "
         f"{config.total_steps} steps", flush=True)
   start = time.time()
-  if not _trained(workdir, config.total_steps):
+  if not finished_run(workdir, config.total_steps):
     train.train_and_evaluate(config, workdir)
   timings[f"{name}_train_s"] = round(time.time() - start, 1)
   start = time.time()

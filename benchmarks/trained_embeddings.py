@@ -72,6 +72,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # pylint: disable=wrong-import-position
 
+from benchmarks.mrl_shape import finished_run  # pylint: disable=wrong-import-position
 from mrl_jax import inference, models, train  # pylint: disable=wrong-import-position
 from mrl_jax.data import preprocess, two_digits  # pylint: disable=wrong-import-position
 from mrl_jax.evaluation import knn, retrieval  # pylint: disable=wrong-import-position
@@ -108,14 +109,6 @@ def make_config(*, depth: int, width: int, steps: int, batch_size: int,
   config.log_every_steps = max(min(config.log_every_steps, steps // 10), 1)
   config.data.data_dir = data_dir
   return config
-
-
-def _trained(workdir: str, steps: int) -> bool:
-  try:
-    with open(os.path.join(workdir, "summary.json")) as f:
-      return json.load(f).get("steps") == steps
-  except (OSError, ValueError):
-    return False
 
 
 def eval_view(images: np.ndarray, data_cfg) -> np.ndarray:
@@ -191,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   os.makedirs(out_dir, exist_ok=True)
   config = make_config(depth=args.depth, width=args.width, steps=args.steps,
                        batch_size=args.batch_size, data_dir=args.data_dir)
-  reused = _trained(workdir, args.steps)
+  reused = finished_run(workdir, args.steps)
   if not reused:
     train_start = time.time()
     train.train_and_evaluate(config, workdir)
