@@ -32,14 +32,14 @@ recall of knn_search's exact top-10 on the same prefix, median of 5, ms per quer
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
 
 import numpy as np
 
-from mrl_jax.retrieval.errors import IndexFileError, IndexNotFoundError, IndexQueryError
+from mrl_jax.retrieval.errors import IndexFileError, IndexQueryError, one_line
+from mrl_jax.retrieval.metadata_file import read_metadata, write_metadata
 from mrl_jax.retrieval.prefix_store import (normalized_prefix, sort_by_distance_then_id,
                                              unit_prefix_rows)
 
@@ -213,42 +213,28 @@ class AnnShortlist:
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     faiss.write_index(self.index, os.path.join(directory, "ann.faiss"))
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "spec": self.spec.to_dict(),
-            "input_dim": self.input_dim, "num_vectors": self.num_vectors}
-    with open(os.path.join(directory, "ann.json"), "w") as f:
-      json.dump(meta, f, indent=1)
+    write_metadata(directory, "ann.json", FORMAT, FORMAT_VERSION,
+                   {"spec": self.spec.to_dict(), "input_dim": self.input_dim,
+                    "num_vectors": self.num_vectors})
 
   @classmethod
   def load(cls, directory: str | os.PathLike) -> AnnShortlist:
     faiss = _faiss()
     directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-      raise IndexNotFoundError(f"No ANN shortlist at {directory}: build and save one first.")
-    meta_path = os.path.join(directory, "ann.json")
-    try:
-      with open(meta_path) as f:
-        meta = json.load(f)
-      if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise ValueError("not a version-1 ANN shortlist")
-      spec = AnnSpec.from_dict(meta["spec"])
-      input_dim, n = int(meta["input_dim"]), int(meta["num_vectors"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise IndexFileError(f"{meta_path} is missing or unreadable ({_one_line(e)}): save the "
-                           "shortlist again.") from None
+    spec, input_dim, n = read_metadata(
+        directory, "ann.json", FORMAT, FORMAT_VERSION, "ANN shortlist",
+        lambda meta: (AnnSpec.from_dict(meta["spec"]), int(meta["input_dim"]),
+                      int(meta["num_vectors"])))
     path = os.path.join(directory, "ann.faiss")
     try:
       index = faiss.read_index(path)
     except (RuntimeError, OSError) as e:
-      raise IndexFileError(f"{path} is missing or corrupt ({_one_line(e)[:200]}): save the "
+      raise IndexFileError(f"{path} is missing or corrupt ({one_line(e)[:200]}): save the "
                            "shortlist again.") from None
     if index.d != spec.dim or index.ntotal != n:
       raise IndexFileError(f"{path} holds {index.ntotal} vectors of {index.d} dims, ann.json "
                            f"says {n} of {spec.dim}: save the shortlist again.")
     return cls(spec, index, input_dim)   # read_index returns the concrete class, owning it.
-
-
-def _one_line(error: BaseException) -> str:
-  return " ".join(str(error).split()) or type(error).__name__
 
 
 def _trained_ivf(faiss: Any, embeddings: np.ndarray, spec: AnnSpec) -> Any:

@@ -95,12 +95,18 @@ def check_query_labels(query_labels: Any, num_queries: int,
   if database_labels is None:
     raise IndexQueryError("calibrate got query_labels but the index has no labels: build it "
                           "with labels=... (or calibrate without query_labels).")
-  labels = np.asarray(query_labels)
-  if labels.shape != (num_queries,) or not np.issubdtype(labels.dtype, np.integer):
-    raise IndexQueryError(f"query_labels must be {num_queries} integer labels (one per query), "
-                          f"got shape {labels.shape} of {labels.dtype}.")
-  if num_queries and labels.min() < 0:
-    raise IndexQueryError("query_labels must be non-negative class ids.")
+  return check_class_ids(query_labels, num_queries, "query_labels", "integer labels (one per "
+                         "query)")
+
+
+def check_class_ids(labels: Any, num_rows: int, name: str, what: str) -> np.ndarray:
+  """`labels` as int64 [num_rows] non-negative class ids; `what` describes them in the error."""
+  labels = np.asarray(labels)
+  if labels.shape != (num_rows,) or not np.issubdtype(labels.dtype, np.integer):
+    raise IndexQueryError(f"{name} must be {num_rows} {what}, got shape {labels.shape} of "
+                          f"{labels.dtype}.")
+  if num_rows and labels.min() < 0:
+    raise IndexQueryError(f"{name} must be non-negative class ids.")
   return labels.astype(np.int64)
 
 

@@ -15,3 +15,8 @@ class IndexFileError(UserError, ValueError):
 
 class IndexNotFoundError(UserError, FileNotFoundError):
   """No index directory at the given path."""
+
+
+def one_line(error: BaseException) -> str:
+  """An exception's message on one line (its type name when it has none), to quote in ours."""
+  return " ".join(str(error).split()) or type(error).__name__

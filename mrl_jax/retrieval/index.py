@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mrl_jax.retrieval import calibration
-from mrl_jax.retrieval.errors import IndexFileError, IndexNotFoundError, IndexQueryError
+from mrl_jax.retrieval.errors import IndexFileError, IndexNotFoundError, IndexQueryError, one_line
 from mrl_jax.retrieval.exact_stage import EXACT_METHODS, exact_top_k
 from mrl_jax.retrieval.plans import (EXACT_SHORTLIST, SHORTLIST_NAME, Exact, Funnel, Plan, Target,
                                      as_plan, plan_flops, plan_name)
@@ -61,7 +61,7 @@ _DEFAULT_SHORTLIST_DIM = 16
 
 
 def _one_line(error: BaseException) -> str:
-  return " ".join(str(error).split())[:300] or type(error).__name__
+  return one_line(error)[:300]
 
 
 def _check_rows(x: Any, dim: int | None, what: str, row_name: str, block_rows: int) -> Any:
@@ -85,13 +85,8 @@ def _check_rows(x: Any, dim: int | None, what: str, row_name: str, block_rows: i
 
 
 def _check_labels(labels: Any, num_rows: int) -> np.ndarray:
-  labels = np.asarray(labels)
-  if labels.shape != (num_rows,) or not np.issubdtype(labels.dtype, np.integer):
-    raise IndexQueryError(f"labels must be {num_rows} integer class ids (one per embedding), got "
-                          f"shape {labels.shape} of {labels.dtype}.")
-  if num_rows and labels.min() < 0:
-    raise IndexQueryError("labels must be non-negative class ids.")
-  return labels.astype(np.int64)
+  return calibration.check_class_ids(labels, num_rows, "labels",
+                                     "integer class ids (one per embedding)")
 
 
 def _load_ann(directory: str) -> AnnShortlist:

@@ -39,14 +39,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import json
 import os
 from typing import Any
 
 import numpy as np
 
 from mrl_jax.evaluation.knn import l2_normalize
-from mrl_jax.retrieval.errors import IndexFileError, IndexNotFoundError, IndexQueryError
+from mrl_jax.retrieval.errors import IndexFileError, IndexQueryError, one_line
+from mrl_jax.retrieval.metadata_file import read_metadata, write_metadata
 
 STORE_DTYPES = ("float32", "float16", "int8")
 FORMAT = "mrl_jax.prefix_store"
@@ -391,30 +391,16 @@ class PrefixStore:
     if self.dtype == "int8":
       np.save(os.path.join(directory, "int8_scales.npy"),
               np.stack([self._codec.vmin, self._codec.vdiff]))
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim, "dtype": self.dtype,
-            "input_dim": self.input_dim, "num_vectors": self.num_vectors}
-    with open(os.path.join(directory, "store.json"), "w") as f:
-      json.dump(meta, f, indent=1)
+    write_metadata(directory, "store.json", FORMAT, FORMAT_VERSION,
+                   {"dim": self.dim, "dtype": self.dtype, "input_dim": self.input_dim,
+                    "num_vectors": self.num_vectors})
 
   @classmethod
   def load(cls, directory: str | os.PathLike, *, mmap: bool = True) -> PrefixStore:
     """Reads a saved store; with mmap the codes stay on disk, memory-mapped read-only."""
     directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-      raise IndexNotFoundError(f"No prefix store at {directory}: build and save one first.")
-    meta_path = os.path.join(directory, "store.json")
-    try:
-      with open(meta_path) as f:
-        meta = json.load(f)
-      if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise ValueError("not a version-1 prefix store")
-      dim, dtype, n = int(meta["dim"]), meta["dtype"], int(meta["num_vectors"])
-      input_dim = int(meta["input_dim"])
-      if dtype not in STORE_DTYPES:
-        raise ValueError(f"dtype {dtype!r}")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise IndexFileError(f"{meta_path} is missing or unreadable ({_one_line(e)}): "
-                           "save the store again.") from None
+    dim, dtype, n, input_dim = read_metadata(directory, "store.json", FORMAT, FORMAT_VERSION,
+                                             "prefix store", _parse_store_metadata)
     codes = _load_array(directory, "codes.npy", (n, dim), _CODE_DTYPES[dtype], mmap)
     norms_sq = vmin = vdiff = None
     if dtype != "float32":
@@ -458,8 +444,12 @@ def _squared_norms(x: np.ndarray) -> np.ndarray:
   return np.einsum("...i,...i->...", x, x, dtype=np.float32)
 
 
-def _one_line(error: BaseException) -> str:
-  return " ".join(str(error).split()) or type(error).__name__
+def _parse_store_metadata(meta: dict[str, Any]) -> tuple[int, str, int, int]:
+  """(dim, dtype, num_vectors, input_dim) of store.json; ValueError/KeyError if malformed."""
+  dim, dtype, n = int(meta["dim"]), meta["dtype"], int(meta["num_vectors"])
+  if dtype not in STORE_DTYPES:
+    raise ValueError(f"dtype {dtype!r}")
+  return dim, dtype, n, int(meta["input_dim"])
 
 
 def _load_array(directory: str, name: str, shape: tuple[int, ...], dtype: Any,
@@ -468,7 +458,7 @@ def _load_array(directory: str, name: str, shape: tuple[int, ...], dtype: Any,
   try:
     array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
   except (OSError, ValueError, EOFError) as e:
-    raise IndexFileError(f"{path} is missing or corrupt ({_one_line(e)}): save the store "
+    raise IndexFileError(f"{path} is missing or corrupt ({one_line(e)}): save the store "
                          "again.") from None
   if array.shape != shape or array.dtype != np.dtype(dtype):
     raise IndexFileError(f"{path} holds {array.dtype} {array.shape}, expected "
