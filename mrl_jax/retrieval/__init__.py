@@ -9,6 +9,8 @@
   index.py         `Index`: build / add / search / calibrate / save / load
   calibration.py   measuring plans on held-out queries; the plan that meets a target
   refine_chain.py  an ANN-shortlist funnel as one faiss IndexRefine chain over the stores
+  metadata_file.py the versioned JSON saved beside each store and shortlist
+  workdir_embeddings.py  a trained workdir's split as (embeddings, labels) to build from
   errors.py        the user errors of all of the above
 
 The main names are re-exported here (`from mrl_jax.retrieval import Index, AnnSpec,
