@@ -2,6 +2,15 @@
 
 Only process 0 writes; other processes get a writer that does nothing, so the
 train loop calls it unconditionally.
+
+The workdir may be a bucket (gs://...; see workdir_path.py). metrics.jsonl is then
+one object rewritten whole (objects cannot be appended to), at most every few
+seconds and at every `flush()` -- the train loop flushes before each checkpoint save,
+so a run killed after a checkpoint has every row up to it. `read_metrics` reads the
+file the same way for both. tensorboardX can write gs:// only through
+google-cloud-storage (and its credential look-ups), so on an object store the events
+are written to a local temporary folder and copied into WORKDIR/tensorboard at each
+flush and at close.
 """
 
 from __future__ import annotations
@@ -9,13 +18,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
 import jax
 
 from mrl_jax import perf
+from mrl_jax.workdir_path import AppendedLines, is_local, make_dirs, workdir_path, \
+    write_json_atomic
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _plain(value: Any) -> Any:
@@ -29,29 +45,57 @@ def _plain(value: Any) -> Any:
 class MetricWriter:
   """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None, tensorboard: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None,
+               tensorboard: bool = True):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.workdir = workdir
+    self.workdir = workdir_path(workdir)
     self._tb = None
+    self._tb_local_dir = None  # Object-store workdir: where events are written first.
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    make_dirs(self.workdir)
+    self._jsonl = AppendedLines(self.workdir / METRICS_FILE)
     if tensorboard:
       from tensorboardX import SummaryWriter  # Imported lazily: only process 0 needs it.
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      if is_local(self.workdir):
+        self._tb = SummaryWriter(os.fspath(self.workdir / TENSORBOARD_DIR))
+      else:
+        self._tb_local_dir = tempfile.mkdtemp(prefix="mrl_jax_tensorboard_")
+        self._tb = SummaryWriter(self._tb_local_dir)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    self._jsonl.append(json.dumps(row))
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)):
           self._tb.add_scalar(k, v, step)
       self._tb.flush()
+
+  def flush(self) -> None:
+    """Makes every row written so far readable in the workdir (a no-op cost locally)."""
+    if not self.enabled:
+      return
+    self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+      self._copy_tensorboard()
+
+  def _copy_tensorboard(self) -> None:
+    """Object-store workdir: copies the local event files into WORKDIR/tensorboard."""
+    if self._tb_local_dir is None:
+      return
+    target = self.workdir / TENSORBOARD_DIR
+    for folder, _, files in os.walk(self._tb_local_dir):
+      for name in files:
+        source = os.path.join(folder, name)
+        relative = os.path.relpath(source, self._tb_local_dir)
+        destination = target / relative
+        make_dirs(destination.parent)  # A no-op in a bucket; the test's local stand-in needs it.
+        with open(source, "rb") as f:
+          destination.write_bytes(f.read())
 
   def console(self, line: str) -> None:
     if self.enabled:
@@ -61,16 +105,23 @@ class MetricWriter:
     """Writes WORKDIR/<name> atomically (a reader never sees half a file)."""
     if not self.enabled:
       return
-    path = os.path.join(self.workdir, name)
-    with open(path + ".tmp", "w") as f:
-      json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(self.workdir / name, obj)
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
+        self._copy_tensorboard()
+        if self._tb_local_dir is not None:
+          shutil.rmtree(self._tb_local_dir, ignore_errors=True)
+          self._tb_local_dir = None
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """Every row of WORKDIR/metrics.jsonl, in order, for a local or an object-store workdir."""
+  path = workdir_path(workdir) / METRICS_FILE
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class Throughput:
