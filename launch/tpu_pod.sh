@@ -5,7 +5,7 @@
 #
 #   PROJECT=my-project ZONE=us-central2-b TPU_NAME=mrl-v4-16 ACCELERATOR_TYPE=v4-16 \
 #   RUNTIME_VERSION=tpu-ubuntu2204-base REPO=https://github.com/you/mrl_jax.git \
-#   CONFIG=configs/resnet50_imagenet.py WORKDIR=/mnt/shared/mrl_r50 launch/tpu_pod.sh
+#   CONFIG=configs/resnet50_imagenet.py WORKDIR=gs://my-bucket/mrl_r50 launch/tpu_pod.sh
 #
 #   launch/tpu_pod.sh create|install|train|delete   one stage only (default: all four)
 #
@@ -17,13 +17,23 @@
 #   RUNTIME_VERSION   TPU VM image, e.g. tpu-ubuntu2204-base, v2-alpha-tpuv5-lite.
 #   REPO              git URL of this project, cloned on every worker.
 #   CONFIG            config file (and :args) inside the repo, e.g. configs/resnet50_imagenet.py.
-#   WORKDIR           checkpoints and metrics. Every worker must see the same
-#                     directory at this path (NFS/Filestore, or a bucket mounted
-#                     with gcsfuse): each process writes its shards of every
-#                     checkpoint there.
+#   WORKDIR           checkpoints, metrics and probe outputs; every process writes
+#                     its shards of each checkpoint there, so all workers must
+#                     reach the same place. Normally a bucket, gs://BUCKET/RUN:
+#                     the workers read and write it directly (Orbax through
+#                     TensorStore, the other files through etils.epath and gcsfs,
+#                     which requirements.txt installs). The slice's service account
+#                     needs read and write on the bucket (e.g. roles/storage.objectAdmin
+#                     on it) and the storage scope: the default Compute Engine account
+#                     with CREATE_ARGS="--scopes=https://www.googleapis.com/auth/cloud-platform",
+#                     or your own with --service-account=... too. A directory that
+#                     every worker mounts at the same path (NFS/Filestore) works as well.
 # Optional:
 #   REF               branch, tag or commit to check out (default: the repo's default branch).
-#   TRAIN_ARGS        more flags for mrl_jax.main, e.g. "--config.data.data_dir=/mnt/shared/tfds".
+#   TRAIN_ARGS        more flags for mrl_jax.main, e.g. "--config.data.data_dir=/mnt/tfds".
+#                     TFDS's array_record files are read from local paths only: copy
+#                     the data to each worker's disk or mount its bucket with gcsfuse
+#                     at the same path on every worker.
 #   CREATE_ARGS       more flags for `tpu-vm create`, e.g. "--spot".
 #   KEEP_TPU=1        do not delete the slice at the end (after a failure either).
 #   DRY_RUN=1         print the gcloud commands instead of running them.
@@ -48,6 +58,12 @@ for var in PROJECT ZONE TPU_NAME ACCELERATOR_TYPE RUNTIME_VERSION REPO CONFIG WO
 done
 if ((${#missing[@]})); then
   echo "tpu_pod.sh: set ${missing[*]} (see the top of $0)" >&2
+  exit 2
+fi
+
+# A relative WORKDIR would name a different local folder on every worker.
+if [[ ! "$WORKDIR" =~ ^[A-Za-z][A-Za-z0-9+.-]*:// && "$WORKDIR" != /* ]]; then
+  echo "tpu_pod.sh: WORKDIR=$WORKDIR is a relative path; use a bucket (gs://BUCKET/RUN) or an absolute path that every worker mounts" >&2
   exit 2
 fi
 

@@ -78,6 +78,22 @@ def test_tpu_pod_runs_one_stage_and_refuses_missing_variables():
   assert result.returncode == 2 and "PROJECT" in result.stderr and "WORKDIR" in result.stderr
 
 
+def test_tpu_pod_trains_into_a_bucket_workdir():
+  result = _bash("tpu_pod.sh", "train", env={**TPU_ENV, "WORKDIR": "gs://my-bucket/mrl run"})
+  assert result.returncode == 0, result.stderr
+  # Passed on as it is (quoted for the remote shell), not made a local path.
+  assert "mrl_jax.main --config=configs/quickstart.py --workdir=gs://my-bucket/mrl\\ run " \
+      in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("workdir", ["runs/mrl", "./mrl", "~/mrl"])
+def test_tpu_pod_refuses_a_relative_workdir(workdir):
+  result = _bash("tpu_pod.sh", "train", env={**TPU_ENV, "WORKDIR": workdir})
+  assert result.returncode == 2 and not result.stdout
+  assert result.stderr.count("\n") == 1 and f"WORKDIR={workdir} is a relative path" in result.stderr
+  assert "gs://BUCKET/RUN" in result.stderr
+
+
 @pytest.fixture
 def fake_slurm(tmp_path):
   """A PATH with stand-ins for scontrol, srun and python, and a 2-node job's variables."""
