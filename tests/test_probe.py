@@ -99,6 +99,40 @@ def test_probe_baseline_truncates_the_other_models_embeddings(trained_workdir):
     assert "trained without MRL" in f.read()
 
 
+@pytest.mark.slow
+def test_probe_on_disk_equals_the_in_memory_probe(trained_workdir):
+  """Shards + row blocks (max_in_memory_gb=0) give today's summary: k-NN, retrieval and
+  funnel metrics exactly (one block: the same normalised vectors and distances), the SVD
+  rows too here, the mini-batch linear top-1 within its stated 0.05 (minibatch_linear_probe)."""
+  config = inference.load_config(trained_workdir)
+  memory = probe.run_probe(trained_workdir, config, log=lambda _: None)
+  config.probe = {"max_in_memory_gb": 0.0, "linear_epochs": 30,
+                  "baseline_workdir": trained_workdir}
+  lines = []
+  disk = probe.run_probe(trained_workdir, config, log=lines.append)
+  assert any("into shards under " + os.path.join(trained_workdir, "probe", "embeddings") in line
+             for line in lines)
+  assert not os.path.exists(os.path.join(trained_workdir, "probe", "embeddings", "train"))
+  assert disk["linear_probe"]["optimizer"] == "minibatch_adam" and "linear_probe" not in memory
+  compared = 0
+  for key, values in memory.items():
+    if not (isinstance(values, list) and values and isinstance(values[0], float)):
+      continue
+    compared += 1
+    if key.endswith("linear_top1"):
+      assert np.max(np.abs(np.subtract(disk[key], values))) <= 0.05, key
+    elif key != "head_top1":
+      assert disk[key] == values, key
+  assert compared > 50
+  # The run as its own baseline: the baseline rows come through the same shards and blocks.
+  for key in ("svd_knn1_top1", "svd_map@10", "svd_linear_top1"):
+    assert disk["baseline_" + key] == disk[key], key
+  for method, result in memory["funnel_retrieval"].items():
+    if isinstance(result, dict):
+      for key in ("map@10", "precision@10", "recall@10", "top1", "flops", "plan"):
+        assert disk["funnel_retrieval"][method][key] == result[key], (method, key)
+
+
 def test_truncation_rows_leave_sizes_beyond_the_embedding_empty():
   rng = np.random.default_rng(0)
   y = np.arange(40) % 4

@@ -28,7 +28,9 @@ FLAG_VALUES = {
     "test_split": ("test[:10]", "test[:10]"), "batch_size": ("64", 64),
     "baseline_workdir": ("/tmp/ff_run", "/tmp/ff_run"),
     "adaptive_splits": ("5", 5), "adaptive_method": ("pairwise", "pairwise"),
-    "retrieval_ann": ("hnsw", "hnsw"),
+    "retrieval_ann": ("hnsw", "hnsw"), "max_in_memory_gb": ("0.5", 0.5),
+    "embeddings_dir": ("/tmp/shards", "/tmp/shards"), "block_rows": ("1024", 1024),
+    "linear_epochs": ("3", 3), "linear_batch_size": ("128", 128),
 }
 
 
@@ -79,6 +81,9 @@ BAD = [
     ("data", {"data_dir": "/x"}, "dataset name"),
     ("adaptive_splits", 0, ">= 1"), ("adaptive_method", "exhaustive", "'greedy' or 'pairwise'"),
     ("retrieval_ann", "flat", r"one of \('hnsw', 'ivf'\)"),
+    ("max_in_memory_gb", -1.0, ">= 0"), ("max_in_memory_gb", "2", ">= 0"),
+    ("embeddings_dir", "", "non-empty string"), ("block_rows", 0, ">= 1"),
+    ("linear_epochs", 0, ">= 1"), ("linear_batch_size", 0, ">= 1"),
 ]
 
 

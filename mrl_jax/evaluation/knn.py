@@ -171,6 +171,68 @@ def knn_search(queries: np.ndarray, database: np.ndarray, k: int, *, metric: str
   return np.concatenate(dists), np.concatenate(idxs)
 
 
+class StreamingKnn:
+  """Exact k nearest rows of a database that arrives in row blocks, merged as they come.
+
+  `add(block)` scans one block [rows, d] (rows in database order, any count per block)
+  as `knn_search` scans its chunks and merges the running top-k by (ranking score,
+  index), so only one block is in memory; `result()` gives `knn_search`'s
+  (distances, indices). `centre` [d] (metric "l2" above DIRECT_MAX_DIM dims): the
+  common shift of the module doc; `knn_search` takes the database mean, which a
+  stream knows only after a pass, so the caller gives one (any common shift leaves
+  the distances unchanged; it only needs to be near the data for the rounding
+  argument). Given a single block and that block's float32 mean, the result equals
+  `knn_search` exactly (one device; it shards nothing).
+  """
+
+  def __init__(self, queries: np.ndarray, k: int, *, metric: str = "l2",
+               centre: np.ndarray | None = None, query_block: int = 1024,
+               db_block: int = 8192):
+    if metric not in METRICS:
+      raise ValueError(f"metric={metric!r} is unknown: use one of {METRICS}.")
+    self.k, self.metric, self.db_block = int(k), metric, int(db_block)
+    q = jnp.asarray(queries, jnp.float32)
+    self._centre = None
+    if centre is not None and metric == "l2" and q.shape[1] > DIRECT_MAX_DIM:
+      self._centre = jnp.asarray(centre, jnp.float32)
+      q = q - self._centre
+    self._queries = [q[s:s + query_block] for s in range(0, q.shape[0], query_block)]
+    self._best: list[tuple[np.ndarray, np.ndarray]] | None = None
+    self.num_rows = 0
+
+  def add(self, block: np.ndarray) -> None:
+    """Scans the next `len(block)` database rows (ids continue from the previous blocks)."""
+    rows = len(block)
+    if rows == 0:
+      return
+    db = jnp.asarray(block, jnp.float32)
+    if self._centre is not None:
+      db = db - self._centre
+    valid = jnp.ones(rows, bool)
+    k = min(self.k, rows)
+    merged = []
+    for i, q in enumerate(self._queries):
+      scores, idx = _topk_one_query_block(q, db, valid, k, min(self.db_block, rows), self.metric)
+      scores, idx = np.asarray(scores), np.asarray(idx).astype(np.int64) + self.num_rows
+      if self._best is not None:
+        best_s, best_i = self._best[i]
+        scores, idx = np.concatenate([best_s, scores], 1), np.concatenate([best_i, idx], 1)
+        # By score, then by index: earlier blocks hold smaller ids, as in one scan.
+        order = np.lexsort((idx, scores), axis=-1)[:, :self.k]
+        scores, idx = np.take_along_axis(scores, order, 1), np.take_along_axis(idx, order, 1)
+      merged.append((scores, idx))
+    self._best = merged
+    self.num_rows += rows
+
+  def result(self) -> tuple[np.ndarray, np.ndarray]:
+    """(distances float32 [Q, k], indices int32 [Q, k]) as `knn_search` returns them."""
+    if not 0 < self.k <= self.num_rows:
+      raise ValueError(f"k={self.k} must be in [1, {self.num_rows}] (the database size).")
+    dists = [np.asarray(_to_output(q, jnp.asarray(s), self.metric))
+             for q, (s, _) in zip(self._queries, self._best)]
+    return np.concatenate(dists), np.concatenate([i for _, i in self._best]).astype(np.int32)
+
+
 def knn_classify(neighbour_labels: np.ndarray, num_classes: int) -> np.ndarray:
   """Majority vote over the k neighbours' labels (nearest first) [N, k] -> classes [N].
 

@@ -7,6 +7,15 @@ recall@k (unit-normalised prefixes, L2), the nested head's own top-1, and the
 same-run baselines: SVD truncation of the full embedding and random feature
 subsets. Then adaptive classification (a cascade over sizes) and adaptive /
 funnel retrieval. Writes WORKDIR/probe/{summary.json, report.md, *.png}.
+
+Large databases: train embeddings over `config.probe.max_in_memory_gb`, and every
+probe with several processes, are not held in memory. Each process streams its rows
+of the splits to shards (embedding_shards.py; WORKDIR/probe/embeddings/SPLIT/, or
+config.probe.embeddings_dir, or a local temporary directory for a gs:// workdir),
+and process 0 computes the single-label rows in row blocks over them
+(`shard_metrics`: streamed_probe.py, and the retrieval comparison on an Index over
+shard-backed stores); same keys, plus "linear_probe" naming the mini-batch optimiser
+that replaces L-BFGS there (see streamed_probe.py for what equals the in-memory path).
 A masked-LM workdir (config.task="mlm") is measured by `text_probe.py` instead
 (MLM accuracy, text retrieval and the Lee similarity correlation per size), a
 dual encoder (config.task="contrastive") by `dual_probe.py` (zero-shot top-1,
@@ -53,6 +62,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -62,8 +72,9 @@ import numpy as np
 from mrl_jax import inference
 from mrl_jax.data import pipeline
 from mrl_jax.errors import ConfigError
-from mrl_jax.evaluation import adaptive, knn, multilabel, probe_settings as settings_lib
-from mrl_jax.evaluation import retrieval
+from mrl_jax.evaluation import adaptive, embedding_shards, knn, multilabel
+from mrl_jax.evaluation import probe_settings as settings_lib
+from mrl_jax.evaluation import retrieval, streamed_probe
 from mrl_jax.evaluation.linear_probe import linear_probe_scores, linear_probe_top1
 from mrl_jax.evaluation.report import write_report
 
@@ -151,6 +162,30 @@ def embed_split(model: inference.RestoredModel, data_cfg, split: str, batch_size
           np.concatenate(labels))
 
 
+def embed_split_to_shards(model: inference.RestoredModel, data_cfg, split: str, batch_size: int,
+                          directory: str, in_channels: int | None = None) -> None:
+  """Embeds this process's rows of `split` into its shard under `directory` (no logits).
+
+  Rows stream to disk batch by batch (embedding_shards.py), each with its index in the
+  split, so `SplitEmbeddings(directory)` reads all processes' shards back in split order.
+  """
+  import jax  # Process layout only.
+  process, processes = jax.process_index(), jax.process_count()
+  local_batch = batch_size // processes
+  writer = embedding_shards.ShardWriter(directory, process, processes)
+  batches = pipeline.make_eval_batches(data_cfg, global_batch_size=batch_size, split=split)
+  for j, batch in enumerate(batches):
+    keep = batch["mask"] > 0
+    images = batch["image"][keep]
+    if in_channels == 3 and images.shape[-1] == 1:
+      images = np.repeat(images, 3, axis=-1)
+    z, _ = model.embed_and_logits(images)
+    # make_eval_batches gives process p local batch j*P + p of the split (see there).
+    rows = (j * processes + process) * local_batch + np.flatnonzero(keep)
+    writer.append(z, batch["label"][keep], rows)
+  writer.close()
+
+
 def svd_basis(train_z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Mean and principal directions (columns, by decreasing variance) of the train embeddings."""
   mean = train_z.mean(0)
@@ -163,6 +198,11 @@ def knn_metrics(train_x, train_y, test_x, test_y, num_classes, knn_k, ks) -> dic
   depth = min(max(max(ks), knn_k), len(train_x))
   _, idx = knn.knn_search(np.asarray(knn.l2_normalize(test_x)),
                           np.asarray(knn.l2_normalize(train_x)), depth)
+  return neighbour_metrics(idx, train_y, test_y, num_classes, knn_k, ks, depth)
+
+
+def neighbour_metrics(idx, train_y, test_y, num_classes, knn_k, ks, depth) -> dict[str, float]:
+  """`knn_metrics` from the test queries' `depth` nearest train ids [Q, depth]."""
   neighbour_labels = train_y[idx]
   out = {"knn1_top1": float(np.mean(neighbour_labels[:, 0] == test_y)),
          f"knn{knn_k}_top1": float(np.mean(
@@ -302,8 +342,11 @@ def run_probe(workdir: str, config: ml_collections.ConfigDict | None = None,
     summary.update(single_label_rows(model, config, single_data, single_info.num_classes,
                                      settings, dims, in_channels,
                                      test=(head_z, head_y) if single_data is config.data else None,
-                                     log=log))
+                                     workdir=workdir, log=log))
   summary["probe_seconds"] = round(time.time() - start, 1)
+  import jax  # Process index only.
+  if jax.process_index() != 0:
+    return summary  # Process 0 computed the single-label rows and writes the results.
 
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
@@ -312,15 +355,31 @@ def run_probe(workdir: str, config: ml_collections.ConfigDict | None = None,
   return summary
 
 
+def _embeddings_on_disk(model: inference.RestoredModel, data: ml_collections.ConfigDict,
+                        settings: dict[str, Any]) -> bool:
+  """Whether the train split goes to shards on disk (several processes, or too large)."""
+  import jax  # Process count only.
+  if jax.process_count() > 1:
+    return True  # Each process embeds its share; process 0 reads all shards.
+  rows = pipeline.dataset_info(ml_collections.ConfigDict(
+      {**data.to_dict(), "train_split": settings["train_split"]})).num_train_examples
+  return rows * max(model.dims) * 4 > settings["max_in_memory_gb"] * 1e9
+
+
 def single_label_rows(model: inference.RestoredModel, config: ml_collections.ConfigDict,
                       data: ml_collections.ConfigDict, num_classes: int,
                       settings: dict[str, Any], dims: list[int], in_channels: int, *,
                       test: tuple[np.ndarray, np.ndarray] | None = None,
-                      log=print) -> dict[str, Any]:
+                      workdir: str | None = None, log=print) -> dict[str, Any]:
   """k-NN / linear probe / retrieval / truncation baselines / funnel on single-label `data`.
 
-  `test`: the test split's (embeddings, labels) when already embedded.
+  `test`: the test split's (embeddings, labels) when already embedded. Train
+  embeddings over config.probe.max_in_memory_gb (and every multi-process probe) go to
+  shards on disk and are probed in row blocks (`_single_label_rows_on_disk`).
   """
+  if _embeddings_on_disk(model, data, settings):
+    return _single_label_rows_on_disk(model, config, data, num_classes, settings, dims,
+                                      in_channels, test=test, workdir=workdir, log=log)
   batch_size = settings["batch_size"]
   train_z, _, train_y = embed_split(model, data, settings["train_split"], batch_size,
                                     in_channels)
@@ -354,6 +413,122 @@ def single_label_rows(model: inference.RestoredModel, config: ml_collections.Con
   return out
 
 
+def _shards_root(workdir: str | None, settings: dict[str, Any]) -> tuple[str, bool]:
+  """(directory for the split shards, whether it is a temporary one to remove afterwards)."""
+  import jax  # Process count only.
+  if settings["embeddings_dir"]:
+    return settings["embeddings_dir"], False
+  local = workdir is not None and "://" not in os.fspath(workdir)
+  if local:
+    return os.path.join(os.path.abspath(workdir), "probe", "embeddings"), False
+  if jax.process_count() > 1:
+    raise ConfigError(f"--mode=probe with {jax.process_count()} processes on the workdir "
+                      f"{workdir} needs a directory every process can read for the embedding "
+                      "shards: set --config.probe.embeddings_dir (e.g. an NFS or gcsfuse mount).")
+  # An object-store workdir (gs://...): shards are read back with seeks and row gathers,
+  # which local files do well and buckets do not, so they go to a local temporary directory.
+  import tempfile
+  return tempfile.mkdtemp(prefix="mrl_jax_probe_embeddings_"), True
+
+
+def _single_label_rows_on_disk(model: inference.RestoredModel, config: ml_collections.ConfigDict,
+                               data: ml_collections.ConfigDict, num_classes: int,
+                               settings: dict[str, Any], dims: list[int], in_channels: int, *,
+                               test: tuple[np.ndarray, np.ndarray] | None, workdir: str | None,
+                               log=print) -> dict[str, Any]:
+  """`single_label_rows` with the splits in shards on disk and the metrics in row blocks.
+
+  Every process embeds its rows of each split into its shard; after a barrier,
+  process 0 reads all shards and computes the metrics (streamed_probe.py; the
+  retrieval comparison on an Index over ShardPrefixStores), the others return {}.
+  The shards are removed afterwards (a database's worth of disk: 10.5 GB for
+  ImageNet-1K at 2048 dims).
+  """
+  import jax
+  root, temporary = _shards_root(workdir, settings)
+  batch_size = settings["batch_size"]
+  multi = jax.process_count() > 1
+  splits = {"train": (model, settings["train_split"])}
+  if test is None or multi:
+    splits["test"] = (model, settings["test_split"])
+  base = None
+  if settings["baseline_workdir"]:
+    base = inference.load(settings["baseline_workdir"])
+    base.batch_size = batch_size
+    splits["baseline_train"] = (base, settings["train_split"])
+    splits["baseline_test"] = (base, settings["test_split"])
+  for name, (which, split) in splits.items():
+    embed_split_to_shards(which, data, split, batch_size, os.path.join(root, name), in_channels)
+  if multi:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("mrl_jax_probe_embedding_shards")
+    if jax.process_index() != 0:
+      return {}
+  readers = {name: embedding_shards.SplitEmbeddings(os.path.join(root, name)) for name in splits}
+  try:
+    train = readers["train"]
+    if "test" in readers:
+      test_z, test_y = readers["test"].read(0, len(readers["test"])), readers["test"].labels
+    else:
+      test_z, test_y = test
+    log(f"Embedded {len(train)} train and {len(test_z)} test examples of {data.name!r} into "
+        f"shards under {root}; probing {len(dims)} sizes in blocks of {settings['block_rows']} rows.")
+    out: dict[str, Any] = {"num_train": len(train), "num_test": len(test_z)}
+    if data is not config.data:
+      out["single_label_dataset"] = data.name
+    baseline = None
+    if base is not None:
+      base_train = readers["baseline_train"]
+      out["baseline"] = {"workdir": os.path.abspath(settings["baseline_workdir"]),
+                         "head": base.config.head, "step": base.step,
+                         "embedding_dim": int(base_train.shape[1])}
+      baseline = (base_train, readers["baseline_test"].read(0, len(readers["baseline_test"])))
+    out.update(shard_metrics(train, test_z, test_y, dims, num_classes, settings,
+                             baseline=baseline, log=log))
+  finally:
+    for reader in readers.values():
+      reader.close()
+    for name in splits:
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if temporary:
+      shutil.rmtree(root, ignore_errors=True)
+  return out
+
+
+def shard_metrics(train: embedding_shards.SplitEmbeddings, test_z: np.ndarray,
+                  test_y: np.ndarray, dims: list[int], num_classes: int,
+                  settings: dict[str, Any], *,
+                  baseline: tuple[embedding_shards.SplitEmbeddings, np.ndarray] | None = None,
+                  log=print) -> dict[str, Any]:
+  """The single-label rows of embeddings in shards: truncations, baseline, retrieval.
+
+  `baseline`: the baseline model's (train shards, test embeddings) of the same splits.
+  What the on-disk probe computes once the shards exist (benchmarks/probe_memory.py
+  measures this path).
+  """
+  out: dict[str, Any] = {"linear_probe": {"optimizer": "minibatch_adam",
+                                          "epochs": settings["linear_epochs"],
+                                          "batch_size": settings["linear_batch_size"]}}
+  train_y = train.labels
+  rng = np.random.default_rng(settings["seed"])
+  metrics = lambda idx, ty, qy, depth: neighbour_metrics(
+      idx, ty, qy, num_classes, settings["knn_k"], tuple(settings["retrieval_ks"]), depth)
+  out.update(streamed_probe.streamed_truncation_rows(
+      train, train_y, test_z, test_y, dims, num_classes, settings, rng,
+      prefixes=("", "svd_", "random_"), neighbour_metrics=metrics, log=log))
+  if baseline is not None:
+    base_train, base_test_z = baseline
+    out.update(streamed_probe.streamed_truncation_rows(
+        base_train, train_y, base_test_z, test_y, dims, num_classes, settings, rng,
+        prefixes=("svd_", "random_"), neighbour_metrics=metrics, key_prefix="baseline_",
+        log=log))
+  # One timed search per plan (its first, compilation included): each exact full-size
+  # search is a pass over the whole database.
+  out["funnel_retrieval"] = retrieval_comparison(train, train_y, test_z, test_y, settings,
+                                                 repeats=0)
+  return out
+
+
 def retrieval_comparison(train_z, train_y, test_z, test_y, settings,
                          repeats: int = 3) -> dict[str, Any]:
   """Single-shot full-size vs adaptive vs funnel retrieval, as plans of an `Index` over train.
@@ -363,13 +538,17 @@ def retrieval_comparison(train_z, train_y, test_z, test_y, settings,
   retrieval_metrics at k=10, "top1", "flops"/"mflops" per query, "seconds" (median of
   `repeats` timed searches after one untimed run), the resolved settings), plus the
   plan's text ("plan", `plans.parse_plan` form), "queries_per_s" and "bytes_per_vector".
+  `train_z` may be a `SplitEmbeddings` (shards on disk): the index's stores are then
+  `ShardPrefixStore`s read from it (same ids), and repeats=0 times the first search.
   settings["retrieval_ann"] ("hnsw" / "ivf") adds "adaptive_<kind>": the adaptive plan
   with that faiss shortlist at shortlist_dim (flops / mflops None: an ANN's work is not
   a multiply-add count).
   """
   from mrl_jax.retrieval import plans
   from mrl_jax.retrieval.index import Index
-  train_z = np.ascontiguousarray(train_z, np.float32)
+  on_disk = isinstance(train_z, embedding_shards.SplitEmbeddings)
+  if not on_disk:
+    train_z = np.ascontiguousarray(train_z, np.float32)
   test_z = np.ascontiguousarray(test_z, np.float32)
   test_y, train_y = np.asarray(test_y).reshape(-1), np.asarray(train_y).reshape(-1)
   full = train_z.shape[1]
@@ -396,14 +575,25 @@ def retrieval_comparison(train_z, train_y, test_z, test_y, settings,
     methods[f"adaptive_{kind}"] = (
         plans.Adaptive(shortlist_dim, shortlist_size, full, shortlist=kind),
         {"shortlist_dim": shortlist_dim, "rerank_dim": full, "shortlist_size": shortlist_size})
-  index = Index.build(train_z, stores={d: "float32" for d in {shortlist_dim, full, *funnel_dims}},
-                      ann=ann)
+  store_dims = {shortlist_dim, full, *funnel_dims}
+  if on_disk:
+    from mrl_jax.retrieval.shard_store import ShardPrefixStore
+    anns = {}
+    if ann:
+      from mrl_jax.retrieval.ann import AnnShortlist
+      anns = {name: AnnShortlist.build(train_z, spec, block_rows=settings["block_rows"])
+              for name, spec in ann.items()}
+    index = Index(full, {d: ShardPrefixStore(train_z, d) for d in store_dims}, anns)
+    index.faiss_refine = False  # Refine chains copy the stores into faiss; same ids without.
+  else:
+    index = Index.build(train_z, stores={d: "float32" for d in store_dims}, ann=ann)
   out: dict[str, Any] = {"k": k, "num_queries": int(len(test_z)), "num_database": int(db_size),
                          "full_dim": full}
   for name, (plan, resolved) in methods.items():
+    begin = time.perf_counter()
     ids, _ = index.search(test_z, k, plan)  # Untimed: compiles, and gives the ids measured.
-    times = []
-    for _ in range(max(1, repeats)):
+    times = [time.perf_counter() - begin] if repeats <= 0 else []
+    for _ in range(max(0, repeats)):
       begin = time.perf_counter()
       index.search(test_z, k, plan)
       times.append(time.perf_counter() - begin)

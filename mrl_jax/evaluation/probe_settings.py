@@ -37,6 +37,17 @@ Fields:
   batch_size         embedding batch size (>= 1).
   baseline_workdir   a run trained without MRL whose truncations are the paper's
                      baselines (None: no baseline rows).
+  max_in_memory_gb   train embeddings (float32, rows x width) up to this many GB are
+                     probed in memory as before; larger ones (and every probe with
+                     several processes) go to shards on disk and are probed in row
+                     blocks with a mini-batch linear probe (streamed_probe.py; > 0,
+                     or 0 for always on disk).
+  embeddings_dir     where the shards go (None: WORKDIR/probe/embeddings, or a local
+                     temporary directory for a gs:// workdir); removed afterwards.
+  block_rows         rows per block of the on-disk probe (>= 1).
+  linear_epochs, linear_batch_size
+                     the on-disk probe's mini-batch linear probe: passes over the
+                     train rows and rows per Adam step (>= 1 each).
   data               a data config (like config.data) for the single-label metrics
                      (k-NN, linear probe, retrieval, truncation baselines, funnel);
                      None: config.data. How a model trained on a multi-label corpus
@@ -61,11 +72,13 @@ DEFAULTS: dict[str, Any] = dict(
     shortlist_dim=16, shortlist_size=200,
     funnel_dims=(16, 32, 64, 128, 256), funnel_shortlists=(200, 100, 50, 25, 10),
     retrieval_ann=None, train_split=None, test_split=None, batch_size=256, baseline_workdir=None,
-    data=None)
+    max_in_memory_gb=2.0, embeddings_dir=None, block_rows=16384, linear_epochs=10,
+    linear_batch_size=256, data=None)
 
 # Fields whose default is None but that take a string: typed placeholders, so that
 # `--config.probe.FIELD=VALUE` parses (a plain None field refuses every override).
-_STRING_FIELDS = ("train_split", "test_split", "baseline_workdir", "retrieval_ann")
+_STRING_FIELDS = ("train_split", "test_split", "baseline_workdir", "retrieval_ann",
+                  "embeddings_dir")
 RETRIEVAL_ANN_KINDS = ("hnsw", "ivf")
 
 
@@ -160,6 +173,15 @@ def check_probe_settings(probe: Mapping[str, Any] | None) -> dict[str, Any]:
   out["test_split"] = _optional_string("test_split", s["test_split"])
   out["batch_size"] = _int_at_least("batch_size", s["batch_size"], 1)
   out["baseline_workdir"] = _optional_string("baseline_workdir", s["baseline_workdir"])
+  budget = s["max_in_memory_gb"]
+  if not isinstance(budget, numbers.Real) or isinstance(budget, bool) or not budget >= 0:
+    raise ConfigError(f"config.probe.max_in_memory_gb={budget!r}: must be a number >= 0 (GB of "
+                      "train embeddings probed in memory; 0: always on disk).")
+  out["max_in_memory_gb"] = float(budget)
+  out["embeddings_dir"] = _optional_string("embeddings_dir", s["embeddings_dir"])
+  out["block_rows"] = _int_at_least("block_rows", s["block_rows"], 1)
+  out["linear_epochs"] = _int_at_least("linear_epochs", s["linear_epochs"], 1)
+  out["linear_batch_size"] = _int_at_least("linear_batch_size", s["linear_batch_size"], 1)
   data = s["data"]
   if data is not None:
     if isinstance(data, ml_collections.ConfigDict):

@@ -385,7 +385,8 @@ class Index:
     store = self._stores[dim]
     q = store.normalize_queries(queries)
     num = store.num_vectors
-    if num * dim * 4 <= _single_scan_limit():
+    # A store read from disk (shard_store.py) caps its one-piece size: it is decoded whole.
+    if num * dim * 4 <= min(_single_scan_limit(), getattr(store, "single_scan_bytes", np.inf)):
       if dim not in self._scan_cache:
         import jax  # The decoded store stays in device memory between searches.
         self._scan_cache[dim] = jax.device_put(np.asarray(store.decoded(), np.float32))
