@@ -38,6 +38,22 @@ _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _EPATH_SCHEMES = ("gs", "s3", "az", "hf")
 
 
+def _no_stale_bucket_listings() -> None:
+  """gcsfs caches every folder listing for the life of the process and never sees what
+  other processes (or TensorStore, through which Orbax writes arrays) add later: after
+  one listing, a checkpoint another process committed stayed invisible, `exists()`
+  False (measured against the emulator in tests/test_gcs_workdir.py). So gs:// listings
+  are always fetched afresh (a few small requests per save or restore)."""
+  try:
+    import fsspec
+  except ImportError:  # No fsspec: epath goes through TensorFlow, which caches nothing.
+    return
+  fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
+
+_no_stale_bucket_listings()
+
+
 def is_local(path: str | os.PathLike) -> bool:
   """Whether `path` is a local file name (no `scheme://` in front)."""
   return _URI.match(os.fspath(path)) is None
