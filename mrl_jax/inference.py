@@ -60,6 +60,27 @@ def read_config_json(path: str) -> dict[str, Any]:
   return saved
 
 
+def _process_rows(out: jax.Array, batch: jax.Array, axis: int) -> np.ndarray:
+  """This process's rows of `out` (batch along `axis`): those its rows of `batch` became.
+
+  With several processes the mesh spans all of them, so `out` is a global array; each
+  process takes the rows it put in (whatever sharding XLA gave the output).
+  """
+  if out.is_fully_addressable:
+    return np.asarray(out)
+  mine = sorted({(s.index[0].start or 0, s.index[0].stop or batch.shape[0])
+                 for s in batch.addressable_shards})
+  parts = []
+  for start, stop in mine:
+    for shard in out.addressable_shards:
+      lo = shard.index[axis].start or 0
+      hi = shard.index[axis].stop if shard.index[axis].stop is not None else out.shape[axis]
+      if lo <= start and stop <= hi:
+        parts.append(np.take(np.asarray(shard.data), np.arange(start - lo, stop - lo), axis=axis))
+        break
+  return np.concatenate(parts, axis=axis)
+
+
 class RestoredModel:
   """A restored nested classifier with batched, jitted `embed` and `nested_logits`
   (what `load` returns for config.task="classification")."""
@@ -92,10 +113,10 @@ class RestoredModel:
       real = len(chunk)
       if real < batch:  # One compiled shape: pad the last batch.
         chunk = np.concatenate([chunk, np.zeros((batch - real, *chunk.shape[1:]), chunk.dtype)])
-      z, lg = self._forward(self._params, self._model_state,
-                            sharding.global_batch({"x": chunk}, self._mesh)["x"])
-      zs.append(np.asarray(z)[:real])
-      logits.append(np.asarray(lg)[:, :real])
+      x = sharding.global_batch({"x": chunk}, self._mesh)["x"]
+      z, lg = self._forward(self._params, self._model_state, x)
+      zs.append(_process_rows(z, x, 0)[:real])
+      logits.append(_process_rows(lg, x, 1)[:, :real])
     return np.concatenate(zs), np.concatenate(logits, axis=1)
 
   def embed(self, images: np.ndarray, dim: int | None = None,

@@ -156,3 +156,31 @@ def test_minibatch_probe_reaches_the_lbfgs_probe_accuracy():
       probe.train_block(x[start:start + block], y[start:start + block])
   assert reference > 0.6  # A problem with something to learn.
   assert abs(probe.top1(xt, yt) - reference) <= 0.05
+
+
+def test_a_shard_with_empty_appends_and_no_rows_reads_back(tmp_path):
+  z = np.arange(12, dtype=np.float32).reshape(4, 3)
+  writer = ShardWriter(str(tmp_path), 0, 2)
+  writer.append(z[:0], np.zeros(0, int), np.zeros(0, int))   # A batch of padding only.
+  writer.append(z, np.arange(4), np.arange(4))
+  writer.close()
+  ShardWriter(str(tmp_path), 1, 2).close()                   # A process that kept no row.
+  split = SplitEmbeddings(str(tmp_path))
+  assert split.shape == (4, 3) and np.array_equal(split.read(0, 4), z)
+  split.close()
+
+
+def test_shards_go_under_the_workdir_or_a_local_temp_dir_for_a_bucket(tmp_path, monkeypatch):
+  import jax
+  from mrl_jax.errors import ConfigError
+  from mrl_jax.evaluation import probe
+  settings = {"embeddings_dir": None}
+  assert probe._shards_root(str(tmp_path), settings) == (
+      os.path.join(str(tmp_path), "probe", "embeddings"), False)
+  root, temporary = probe._shards_root("gs://bucket/run", settings)
+  assert temporary and os.path.isdir(root) and "://" not in root
+  os.rmdir(root)
+  assert probe._shards_root("gs://bucket/run", {"embeddings_dir": "/nfs/x"}) == ("/nfs/x", False)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ConfigError, match="set --config.probe.embeddings_dir"):
+    probe._shards_root("gs://bucket/run", settings)

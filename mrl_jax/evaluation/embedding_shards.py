@@ -83,7 +83,8 @@ class ShardWriter:
       self._dim = z.shape[1]
     elif z.shape[1] != self._dim:
       raise ValueError(f"embeddings have {z.shape[1]} dims, the shard {self._dim}")
-    self._file.write(memoryview(z).cast("B"))
+    if len(z):  # A batch of padding only adds nothing.
+      self._file.write(memoryview(z).cast("B"))
     self._labels.append(np.asarray(labels, np.int64).reshape(-1))
     self._ids.append(np.asarray(rows, np.int64).reshape(-1))
     self._rows += len(z)

@@ -150,16 +150,29 @@ def embed_split(model: inference.RestoredModel, data_cfg, split: str, batch_size
   zs, logits, labels = [], [], []
   for batch in pipeline.make_eval_batches(data_cfg, global_batch_size=batch_size, split=split):
     keep = batch["mask"] > 0
-    images = batch["image"][keep]
-    if in_channels == 3 and images.shape[-1] == 1:
-      images = np.repeat(images, 3, axis=-1)
-    z, lg = model.embed_and_logits(images)
+    z, lg = _embed_batch(model, batch, keep, in_channels)
     zs.append(z)
     if with_logits:
       logits.append(lg)
     labels.append(batch["label"][keep])
   return (np.concatenate(zs), np.concatenate(logits, axis=1) if with_logits else None,
           np.concatenate(labels))
+
+
+def _embed_batch(model: inference.RestoredModel, batch: dict[str, np.ndarray], keep: np.ndarray,
+                 in_channels: int | None) -> tuple[np.ndarray, np.ndarray]:
+  """(embeddings, nested logits) of the kept rows of one eval batch.
+
+  With several processes the model runs on every row (padding too): its mesh spans all
+  processes, so each must run the same batches, also one whose rows here are all padding.
+  """
+  import jax  # Process count only.
+  everyone = jax.process_count() > 1
+  images = batch["image"] if everyone else batch["image"][keep]
+  if in_channels == 3 and images.shape[-1] == 1:
+    images = np.repeat(images, 3, axis=-1)
+  z, lg = model.embed_and_logits(images)
+  return (z[keep], lg[:, keep]) if everyone else (z, lg)
 
 
 def embed_split_to_shards(model: inference.RestoredModel, data_cfg, split: str, batch_size: int,
@@ -176,10 +189,7 @@ def embed_split_to_shards(model: inference.RestoredModel, data_cfg, split: str, 
   batches = pipeline.make_eval_batches(data_cfg, global_batch_size=batch_size, split=split)
   for j, batch in enumerate(batches):
     keep = batch["mask"] > 0
-    images = batch["image"][keep]
-    if in_channels == 3 and images.shape[-1] == 1:
-      images = np.repeat(images, 3, axis=-1)
-    z, _ = model.embed_and_logits(images)
+    z, _ = _embed_batch(model, batch, keep, in_channels)
     # make_eval_batches gives process p local batch j*P + p of the split (see there).
     rows = (j * processes + process) * local_batch + np.flatnonzero(keep)
     writer.append(z, batch["label"][keep], rows)
@@ -418,8 +428,8 @@ def _shards_root(workdir: str | None, settings: dict[str, Any]) -> tuple[str, bo
   import jax  # Process count only.
   if settings["embeddings_dir"]:
     return settings["embeddings_dir"], False
-  local = workdir is not None and "://" not in os.fspath(workdir)
-  if local:
+  from mrl_jax.workdir_path import is_local
+  if workdir is not None and is_local(workdir):
     return os.path.join(os.path.abspath(workdir), "probe", "embeddings"), False
   if jax.process_count() > 1:
     raise ConfigError(f"--mode=probe with {jax.process_count()} processes on the workdir "
