@@ -233,3 +233,22 @@ def test_train_sigkill_resume_and_probe_on_a_bucket(emulator, tmp_path):
     assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
   # Nothing landed in a local folder named like the URI (os.path.abspath("gs://...")).
   assert not os.path.exists(os.path.join(ROOT, "gs:"))
+
+
+def test_two_processes_checkpoint_into_one_bucket(emulator, tmp_path):
+  """A pod in small: launch/local.sh, 2 processes x 2 CPU devices, one gs:// workdir."""
+  from etils import epath
+  from mrl_jax.metric_writer import read_metrics
+  workdir = f"gs://{BUCKET}/two_processes"
+  env = _child_env(tmp_path)
+  # Compiling dominates this short run; unoptimised CPU code compiles ~2x faster.
+  env.update(XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+             PYTHON=sys.executable, NUM_PROCESSES="2", CPU_DEVICES_PER_PROCESS="2",
+             LOG_DIR=str(tmp_path / "logs"))
+  _run(["bash", os.path.join(ROOT, "launch", "local.sh"), *_command(
+      workdir, os.environ[gcs_emulator.DATA_DIR_ENV], "--config.total_steps=2")[3:]], env,
+       tmp_path / "local_sh.txt")
+  state = epath.Path(workdir, "checkpoints", "2", "state")
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= {p.name for p in state.iterdir()}
+  assert [r["step"] for r in read_metrics(workdir) if "train/loss" in r] == [1, 2]
+  assert json.loads(epath.Path(workdir, "summary.json").read_text())["steps"] == 2

@@ -20,7 +20,7 @@ import gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = os.path.join("tests", "gcs_workdir_checks.py")
-NUM_CHECKS = 4  # The tests in CHECKS: every one must pass, none may be skipped.
+NUM_CHECKS = 5  # The tests in CHECKS: every one must pass, none may be skipped.
 
 
 @pytest.mark.slow
@@ -39,9 +39,10 @@ def test_gcs_workdir_in_a_loopback_only_namespace(quickstart_runlocal_run, digit
               gcs_emulator.DATA_DIR_ENV: digits_data_dir,
               gcs_emulator.XLA_CACHE_ENV: jax.config.jax_compilation_cache_dir or ""})
   result = gcs_emulator.run_in_loopback_namespace(
-      [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", CHECKS,
+      [sys.executable, "-m", "pytest", "-q", "-rfEs", "--durations=0", "-p", "no:cacheprovider", CHECKS,
        f"--basetemp={tmp_path / 'checks'}"], env=env, cwd=ROOT, timeout=1200)
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-8000:]
-  summary = result.stdout.strip().splitlines()[-1]  # e.g. "4 passed in 41.2s"
+  print(result.stdout[-3000:])  # The checks' durations, shown with -s or on failure.
+  summary = result.stdout.strip().splitlines()[-1]  # e.g. "5 passed in 41.2s"
   assert re.fullmatch(rf"=* *{NUM_CHECKS} passed(, \d+ warnings?)? in .*", summary), output[-4000:]
