@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mrl_jax.errors import UserError
+from mrl_jax.workdir_path import workdir_path
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -148,12 +149,13 @@ def _differences(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = ""
 class Checkpointer:
   """Saves every `every_steps` (and when forced), keeps the newest `keep`."""
 
-  def __init__(self, workdir: str, *, every_steps: int, keep: int = 3,
+  def __init__(self, workdir: str | os.PathLike, *, every_steps: int, keep: int = 3,
                async_save: bool = True, console: Callable[[str], None] | None = None):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    # A local folder (made absolute: Orbax needs that) or a bucket (gs://...).
+    self.directory = workdir_path(workdir) / "checkpoints"
     self.every_steps = every_steps
     self._manager = ocp.CheckpointManager(
-        self.directory,
+        os.fspath(self.directory),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
         item_handlers={
@@ -167,7 +169,7 @@ class Checkpointer:
 
   def is_complete(self, step: int) -> bool:
     """Whether the folder of `step` holds a committed checkpoint (see module doc)."""
-    return (epath.Path(self.directory) / str(step) / COMMIT_MARKER).exists()
+    return (self.directory / str(step) / COMMIT_MARKER).exists()
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step (None if there is none)."""
@@ -182,7 +184,7 @@ class Checkpointer:
     """
     if jax.process_index() == 0:
       for step, reason in sorted(reasons.items()):
-        folder = epath.Path(self.directory) / str(step)
+        folder = self.directory / str(step)
         target = folder.parent / f"{step}{suffix}"
         k = 1
         while target.exists():

@@ -19,8 +19,6 @@ with len(config.data.mean) channels, and labels are multi-hot when
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Any
 
@@ -29,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from mrl_jax import experiment, perf
+from mrl_jax.workdir_path import make_dirs, workdir_path, write_json_atomic
 
 
 def _per_device_bytes(abstract: Any) -> int:
@@ -88,9 +87,8 @@ def compile_check(config: ml_collections.ConfigDict, workdir: str | None = None,
         - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
   log(format_report(report))
   if workdir and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "compile_check.json"), "w") as f:
-      json.dump(report, f, indent=2)
+    folder = make_dirs(workdir_path(workdir))
+    write_json_atomic(folder / "compile_check.json", report)
   return report
 
 

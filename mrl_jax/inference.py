@@ -23,6 +23,7 @@ from mrl_jax.checkpointing import (Checkpointer, CheckpointMismatchError,
                                    CheckpointUnreadableError, unreadable_reason)
 from mrl_jax.evaluation.knn import l2_normalize
 from mrl_jax.errors import UserError
+from mrl_jax.workdir_path import read_text, workdir_path
 
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):
@@ -33,10 +34,10 @@ class ConfigFileError(UserError, ValueError):
   """The workdir's config.json cannot be read."""
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config `workdir` was trained with (WORKDIR/config.json)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The config `workdir` (a folder or a bucket URI) was trained with (WORKDIR/config.json)."""
+  path = workdir_path(workdir) / "config.json"
+  if not path.exists():
     raise CheckpointNotFoundError(
         f"{path} does not exist: {workdir} is not an mrl_jax workdir. Train into it with "
         "`python -m mrl_jax.main --config ... --workdir DIR`, or import a PyTorch checkpoint "
@@ -44,11 +45,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(read_config_json(path))
 
 
-def read_config_json(path: str) -> dict[str, Any]:
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
   """The dict in a workdir's config.json; a truncated or hand-broken file is a UserError."""
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ConfigFileError(
         f"{path} is not valid JSON ({unreadable_reason(e)}): it was cut short or edited. "
@@ -147,7 +147,7 @@ class RestoredModel:
     return self._run(images)[1]
 
 
-def load(workdir: str, *, step: int | None = None, batch_size: int = 256) -> Any:
+def load(workdir: str | os.PathLike, *, step: int | None = None, batch_size: int = 256) -> Any:
   """Restores `workdir`'s latest readable (or the given) checkpoint onto all local devices.
 
   Returns the task's restored model (`Task.restored_model`; for classification a
@@ -155,7 +155,7 @@ def load(workdir: str, *, step: int | None = None, batch_size: int = 256) -> Any
   committed but unreadable newest checkpoint is set aside as `<step>.corrupt`
   (one console line) and the next newest is restored, as training does on resume.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = workdir_path(workdir)
   config = load_config(workdir)
   checkpointer = Checkpointer(workdir, every_steps=0)
   # Inference is pure data parallelism over whatever devices this process has.
@@ -190,5 +190,6 @@ def load(workdir: str, *, step: int | None = None, batch_size: int = 256) -> Any
     checkpointer.close()
   model = exp.task.restored_model(exp, state, wanted)
   model.batch_size = batch_size
-  model.workdir = workdir  # Where its files are (e.g. a text model's tokenizer.json).
+  # Where its files are (e.g. a text model's tokenizer.json): a local path or a URI.
+  model.workdir = os.fspath(workdir)
   return model

@@ -121,6 +121,8 @@ def main(argv: list[str]) -> None:
   except UserError as e:  # Something the user can fix: one line, no traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  finally:
+    logs.close()  # A bucket workdir gets its log file copied in now.
 
 
 if __name__ == "__main__":

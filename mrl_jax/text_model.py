@@ -21,7 +21,6 @@ served.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ from flax import nnx
 
 from mrl_jax import sharding
 from mrl_jax.tasks import mlm
+from mrl_jax.workdir_path import workdir_path
 
 
 class TokenInputs:
@@ -70,8 +70,8 @@ class TokenInputs:
             if k in ("input_ids", "token_type_ids", "attention_mask")}
 
   def _pad_id(self) -> int:
-    if self._tokenizer is not None or (self.workdir and os.path.exists(
-        os.path.join(self.workdir, mlm.TOKENIZER_FILE))):
+    if self._tokenizer is not None or (self.workdir and (
+        workdir_path(self.workdir) / mlm.TOKENIZER_FILE).exists()):
       return int(self.tokenizer.pad_id)
     return 0  # BERT vocabularies put [PAD] first.
 

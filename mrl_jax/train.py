@@ -252,11 +252,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if preemption.reached(step):
           writer.console(f"SIGTERM: saving a checkpoint at step {step} before exiting.")
           guard.check()
+          writer.flush()  # On a bucket: every row up to this checkpoint is in metrics.jsonl.
           checkpointer.save(step, state, train_iter, meta)
           preempted = True
           break
         if checkpointer.should_save(step) or step == total_steps:
           guard.check()
+          writer.flush()
           checkpointer.save(step, state, train_iter, meta)
     finally:
       checkpointer.close()

@@ -18,11 +18,15 @@ STORAGE_EMULATOR_HOST); with TensorFlow installed it uses tf.io.gfile.
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from etils import epath
@@ -110,6 +114,44 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
   """`obj` as JSON (indented as the workdir's JSON files always were) at `path`, atomically."""
   write_text_atomic(path, json.dumps(obj, indent=indent))
+
+
+def write_through_local_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+  """`write(local_file_name)` for writers that only take a local file name (a tokenizer's
+  `save`), landing at `path` atomically: local `<path>.tmp` + `os.replace`; object store:
+  a local temporary file, then one object write."""
+  if is_local(path):
+    local = os.fspath(path)
+    write(local + ".tmp")
+    os.replace(local + ".tmp", local)
+    return
+  with tempfile.TemporaryDirectory(prefix="mrl_jax_upload_") as folder:
+    local = os.path.join(folder, epath.Path(path).name)
+    write(local)
+    with open(local, "rb") as f:
+      epath.Path(path).write_bytes(f.read())
+
+
+def local_file(path: str | os.PathLike) -> str:
+  """A local file name holding the file at `path`, for readers that only open local files.
+
+  Local paths are returned as they are; an object is downloaded once per process into a
+  temporary folder (removed at exit), and that copy's name is returned.
+  """
+  if is_local(path):
+    return os.fspath(path)
+  key = os.fspath(path)
+  if key not in _LOCAL_COPIES:
+    folder = tempfile.mkdtemp(prefix="mrl_jax_download_")
+    atexit.register(shutil.rmtree, folder, True)
+    local = os.path.join(folder, epath.Path(path).name)
+    with open(local, "wb") as f:
+      f.write(epath.Path(path).read_bytes())
+    _LOCAL_COPIES[key] = local
+  return _LOCAL_COPIES[key]
+
+
+_LOCAL_COPIES: dict[str, str] = {}
 
 
 def read_text(path: str | os.PathLike) -> str:

@@ -36,7 +36,6 @@ statistics kept, no dropout): a locked tower is a fixed feature extractor.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Iterator
 
@@ -49,6 +48,7 @@ from flax import nnx
 from mrl_jax.errors import ConfigError
 from mrl_jax.nesting import Nesting
 from mrl_jax.tasks.base import Task
+from mrl_jax.workdir_path import make_dirs, workdir_path, write_through_local_file
 
 KINDS = ("softmax", "sigmoid")
 HEADS = ("mrl", "ff")
@@ -179,11 +179,8 @@ class ContrastiveTask(Task):
       return
     from mrl_jax.data import image_text_pipeline
     tokenizer = image_text_pipeline.load_caption_tokenizer(config.data)
-    os.makedirs(workdir, exist_ok=True)
-    target = os.path.join(workdir, TOKENIZER_FILE)
-    tmp = target + ".tmp"
-    tokenizer.save(tmp)
-    os.replace(tmp, target)  # A reader never sees half a file.
+    # A reader never sees half a file; a bucket workdir gets one object write.
+    write_through_local_file(make_dirs(workdir_path(workdir)) / TOKENIZER_FILE, tokenizer.save)
 
   # ------------------------------------------------------------ model and checkpoint
   def embedding_dim(self, config: ml_collections.ConfigDict) -> int:

@@ -25,7 +25,6 @@ hidden states, pooling = config.model.pooling ("mean" over real tokens, or
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator
 
 import jax
@@ -37,6 +36,8 @@ from flax import nnx
 from mrl_jax.errors import ConfigError, UserError
 from mrl_jax.nesting import Nesting
 from mrl_jax.tasks.base import Task
+from mrl_jax.workdir_path import local_file, make_dirs, workdir_path, \
+    write_through_local_file
 
 POOLINGS = ("mean", "cls")
 DEFAULT_POOLING = "mean"
@@ -194,11 +195,8 @@ class MaskedLMTask(Task):
       return
     from mrl_jax.data import mlm_pipeline
     tokenizer = mlm_pipeline.load_data_tokenizer(pipeline_data_config(config))
-    os.makedirs(workdir, exist_ok=True)
-    target = os.path.join(workdir, TOKENIZER_FILE)
-    tmp = target + ".tmp"
-    tokenizer.save(tmp)
-    os.replace(tmp, target)  # A reader never sees half a file.
+    # A reader never sees half a file; a bucket workdir gets one object write.
+    write_through_local_file(make_dirs(workdir_path(workdir)) / TOKENIZER_FILE, tokenizer.save)
 
   # ------------------------------------------------------------ model and checkpoint
   def embedding_dim(self, config: ml_collections.ConfigDict) -> int:
@@ -314,17 +312,19 @@ class MaskedLMTask(Task):
 
 
 def check_workdir_tokenizer(workdir: str, vocab_size: int) -> str:
-  """WORKDIR/tokenizer.json's path, once checked to have the checkpoint's vocabulary size."""
+  """WORKDIR/tokenizer.json's path, once checked to have the checkpoint's vocabulary size
+  (for a bucket workdir, the path of a local copy: tokenizers open local files only)."""
   from mrl_jax.data import tokenizer as tokenizer_lib
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  if not os.path.exists(path):
+  path = workdir_path(workdir) / TOKENIZER_FILE
+  if not path.exists():
     raise TokenizerMismatchError(
         f"{path} does not exist: the workdir has no tokenizer to turn text into ids. Copy the "
         "tokenizer it was trained with there, or pass token-id arrays instead of text.")
-  found = tokenizer_lib.load_tokenizer(path).vocab_size
+  local = local_file(path)
+  found = tokenizer_lib.load_tokenizer(local).vocab_size
   if found != vocab_size:
     raise TokenizerMismatchError(
         f"{path} has {found} tokens but the checkpoint's decoder has {vocab_size}: it is not the "
         "tokenizer the model was trained with; put that one at this path.")
-  return path
+  return local
 

@@ -155,7 +155,7 @@ def export_hf_bert(workdir: str, out: str, *, step: int | None = None) -> str:
   from mrl_jax.tasks import mlm  # pylint: disable=g-import-not-at-top
   from mrl_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   tokenizer = tokenizer_lib.load_tokenizer(
-      mlm.check_workdir_tokenizer(os.path.abspath(workdir), model.vocab_size))
+      mlm.check_workdir_tokenizer(workdir, model.vocab_size))
   params = {path_to_str(p): np.asarray(x)
             for p, x in jax.tree_util.tree_leaves_with_path(model.params)}
   os.makedirs(out, exist_ok=True)

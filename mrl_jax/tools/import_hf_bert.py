@@ -58,6 +58,8 @@ from mrl_jax.errors import ConfigError, UserError
 from mrl_jax.models import bert, bert_hf
 from mrl_jax.models.bert_hf import HFCheckpointError
 from mrl_jax.sharding import path_to_str
+from mrl_jax.workdir_path import make_dirs, workdir_path, write_json_atomic, \
+    write_through_local_file
 
 IMPORT_STEP = 0
 TOKENIZER_FILE = "tokenizer.json"
@@ -210,7 +212,7 @@ def import_config(hf: dict[str, Any], *, workdir: str, nesting: str | None = Non
     config.data.seq_len = max_len
     config.data.max_predictions = max(1, round(0.15 * max_len))
   config.data.vocab_size = vocab_size
-  config.data.tokenizer = os.path.join(os.path.abspath(workdir), TOKENIZER_FILE)
+  config.data.tokenizer = os.fspath(workdir_path(workdir) / TOKENIZER_FILE)
   return config
 
 
@@ -225,9 +227,9 @@ def import_hf_bert(checkpoint: str, workdir: str, *, nesting: str | None = None,
                    head: str = "mrl_e", compute_dtype: str = "float32",
                    pooling: str | None = None) -> str:
   """Writes OUT/config.json, OUT/tokenizer.json and a step-0 checkpoint; returns its path."""
-  workdir = os.path.abspath(workdir)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+  workdir = workdir_path(workdir)
+  ckpt_dir = workdir / "checkpoints"
+  if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
     raise HFCheckpointError(f"{ckpt_dir} is not empty: import into a new --workdir.")
   hf = read_hf_config(checkpoint)
   config = import_config(hf, workdir=workdir, nesting=nesting, head=head,
@@ -260,18 +262,14 @@ def import_hf_bert(checkpoint: str, workdir: str, *, nesting: str | None = None,
   if jax.tree.structure(state) != jax.tree.structure(abstract):
     raise AssertionError("The imported state's structure differs from the train state's.")
 
-  os.makedirs(workdir, exist_ok=True)
-  tokenizer.save(config.data.tokenizer + ".tmp")
-  os.replace(config.data.tokenizer + ".tmp", config.data.tokenizer)
+  make_dirs(workdir)
+  write_through_local_file(config.data.tokenizer, tokenizer.save)
   checkpointer = Checkpointer(workdir, every_steps=0, keep=1)
   try:
     checkpointer.save(IMPORT_STEP, state, None, exp.checkpoint_meta())
   finally:
     checkpointer.close()
-  path = os.path.join(workdir, "config.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(config.to_dict(), f, indent=2)
-  os.replace(path + ".tmp", path)
+  write_json_atomic(workdir / "config.json", config.to_dict())
   return os.path.join(checkpointer.directory, str(IMPORT_STEP))
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -61,6 +60,7 @@ from mrl_jax.errors import ConfigError, UserError
 from mrl_jax.models.resnet import resnet_embedding_dim
 from mrl_jax.sharding import path_to_str
 from mrl_jax.tasks.classification import ImageDataInfo
+from mrl_jax.workdir_path import workdir_path, write_json_atomic
 
 DEPTH = 50
 EMBEDDING_DIM = resnet_embedding_dim(DEPTH)  # 2048
@@ -388,8 +388,8 @@ def import_state_dict(state_dict: Mapping[str, Any], workdir: str, *,
   info = ImageDataInfo(layout.num_classes, (config.data.image_size, config.data.image_size,
                                             IN_CHANNELS), False, _NUM_TRAIN_EXAMPLES, "checkpoint")
   exp = experiment.build(config, info=info, mesh=_local_mesh(), check=False)
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+  ckpt_dir = workdir_path(workdir) / "checkpoints"
+  if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
     raise FileExistsError(f"{ckpt_dir} is not empty: import into a new --workdir.")
 
   spec = exp.spec
@@ -411,10 +411,7 @@ def import_state_dict(state_dict: Mapping[str, Any], workdir: str, *,
     checkpointer.save(IMPORT_STEP, state, None, exp.checkpoint_meta())
   finally:
     checkpointer.close()
-  path = os.path.join(os.path.abspath(workdir), "config.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(config.to_dict(), f, indent=2)
-  os.replace(path + ".tmp", path)
+  write_json_atomic(workdir_path(workdir) / "config.json", config.to_dict())
   return os.path.join(checkpointer.directory, str(IMPORT_STEP))
 
 
