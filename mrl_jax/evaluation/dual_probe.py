@@ -62,6 +62,8 @@ from mrl_jax.errors import ConfigError  # noqa: E402
 from mrl_jax.evaluation import (cross_modal_retrieval, dual_baselines, dual_embedding,  # noqa: E402
                                 dual_evaluators, knn, zero_shot)
 from mrl_jax.evaluation.report import finish_plot  # noqa: E402
+from mrl_jax.workdir_path import (make_dirs, workdir_path, write_json_atomic,  # noqa: E402
+                                  write_text_atomic)
 
 Represent = Callable[[np.ndarray, int], np.ndarray]  # (embeddings [..., d], m) -> [..., m']
 PREFIX: Represent = lambda z, m: np.asarray(z)[..., :m]
@@ -274,7 +276,8 @@ def run_dual_probe(workdir: str, config: ml_collections.ConfigDict,
   summary.update(score(emb, PREFIX, dims, ret.ks, model.embedding_dim))
 
   if settings["baseline_workdir"]:
-    base_dir = os.path.abspath(settings["baseline_workdir"])
+    base_dir = os.fspath(workdir_path(settings["baseline_workdir"],
+                                      "config.probe.baseline_workdir"))
     base = inference.load(base_dir)
     base.batch_size = batch_size
     log(f"Baseline {base_dir} (step {base.step}, {base.config.head} head, sizes "
@@ -293,10 +296,8 @@ def run_dual_probe(workdir: str, config: ml_collections.ConfigDict,
       summary.update({f"baseline_{kind}_{k}": v for k, v in rows.items()})
   summary["probe_seconds"] = round(time.time() - start, 1)
 
-  out_dir = os.path.join(workdir, "probe")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  out_dir = make_dirs(workdir_path(workdir) / "probe")  # A folder, or a prefix in a bucket.
+  write_json_atomic(out_dir / "summary.json", summary)
   write_dual_report(summary, out_dir)
   log(console_table(summary))
   log(f"Wrote {out_dir}/summary.json, report.md and plots.")
@@ -398,5 +399,4 @@ def write_dual_report(summary: dict[str, Any], out_dir: str) -> None:
               for m in summary["dims"]]
     lines.append("")
   lines += [f"![{title}]({name})" for title, name in images] + [""]
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write("\n".join(lines))
+  write_text_atomic(os.path.join(out_dir, "report.md"), "\n".join(lines))

@@ -60,7 +60,6 @@ is single-label.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -77,6 +76,7 @@ from mrl_jax.evaluation import probe_settings as settings_lib
 from mrl_jax.evaluation import retrieval, streamed_probe
 from mrl_jax.evaluation.linear_probe import linear_probe_scores, linear_probe_top1
 from mrl_jax.evaluation.report import write_report
+from mrl_jax.workdir_path import make_dirs, workdir_path, write_json_atomic
 
 DEFAULTS = settings_lib.DEFAULTS  # One source: mrl_jax/evaluation/probe_settings.py.
 
@@ -321,8 +321,7 @@ def run_probe(workdir: str, config: ml_collections.ConfigDict | None = None,
   model = inference.load(workdir)
   model.batch_size = settings["batch_size"]
   dims = list(model.dims)
-  out_dir = os.path.join(workdir, "probe")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = make_dirs(workdir_path(workdir) / "probe")  # A folder, or a prefix in a bucket.
   batch_size = settings["batch_size"]
 
   start = time.time()
@@ -358,8 +357,7 @@ def run_probe(workdir: str, config: ml_collections.ConfigDict | None = None,
   if jax.process_index() != 0:
     return summary  # Process 0 computed the single-label rows and writes the results.
 
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  write_json_atomic(out_dir / "summary.json", summary)
   write_report(summary, out_dir)
   log(f"Wrote {out_dir}/summary.json, report.md and plots.")
   return summary
@@ -413,7 +411,7 @@ def single_label_rows(model: inference.RestoredModel, config: ml_collections.Con
                                      in_channels)
     base_test_z, _, _ = embed_split(base, data, settings["test_split"], batch_size,
                                     in_channels)
-    out["baseline"] = {"workdir": os.path.abspath(settings["baseline_workdir"]),
+    out["baseline"] = {"workdir": os.fspath(workdir_path(settings["baseline_workdir"])),
                        "head": base.config.head, "step": base.step,
                        "embedding_dim": int(base_train_z.shape[1])}
     out.update(truncation_rows(base_train_z, train_y, base_test_z, test_y, dims,
@@ -489,7 +487,7 @@ def _single_label_rows_on_disk(model: inference.RestoredModel, config: ml_collec
     baseline = None
     if base is not None:
       base_train = readers["baseline_train"]
-      out["baseline"] = {"workdir": os.path.abspath(settings["baseline_workdir"]),
+      out["baseline"] = {"workdir": os.fspath(workdir_path(settings["baseline_workdir"])),
                          "head": base.config.head, "step": base.step,
                          "embedding_dim": int(base_train.shape[1])}
       baseline = (base_train, readers["baseline_test"].read(0, len(readers["baseline_test"])))

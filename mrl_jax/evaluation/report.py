@@ -10,13 +10,15 @@ import matplotlib
 matplotlib.use("Agg")  # Files only: no display on servers.
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mrl_jax.workdir_path import save_figure, write_text_atomic  # noqa: E402
+
 METRICS = (("linear_top1", "Linear probe top-1"), ("knn1_top1", "1-NN top-1"),
            ("map@10", "mAP@10"))
 BASELINES = (("", "MRL"), ("svd_", "SVD of MRL's embedding"), ("random_", "random MRL features"),
              ("baseline_svd_", "SVD of baseline"), ("baseline_random_", "random baseline features"))
 
 
-def finish_plot(fig, ax, path: str, xlabel: str, ylabel: str, base: int = 2) -> None:
+def finish_plot(fig, ax, path: str | os.PathLike, xlabel: str, ylabel: str, base: int = 2) -> None:
   """Log-scale x axis, labels, grid and legend; saves the PNG and frees the figure."""
   ax.set_xscale("log", base=base)
   ax.set_xlabel(xlabel)
@@ -24,7 +26,7 @@ def finish_plot(fig, ax, path: str, xlabel: str, ylabel: str, base: int = 2) -> 
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  save_figure(fig, path, dpi=120)  # A local file or an object in a bucket.
   plt.close(fig)
 
 
@@ -102,8 +104,8 @@ def _adaptive_lines(adaptive: dict[str, Any]) -> list[str]:
   return lines + [""]
 
 
-def write_report(summary: dict[str, Any], out_dir: str) -> None:
-  """Writes the PNG plots and report.md into `out_dir`."""
+def write_report(summary: dict[str, Any], out_dir: str | os.PathLike) -> None:
+  """Writes the PNG plots and report.md into `out_dir` (a local folder or a bucket prefix)."""
   images = []
   # A multi-label model probed without a single-label dataset has no single-label rows.
   single = "linear_top1" in summary
@@ -133,8 +135,7 @@ def write_report(summary: dict[str, Any], out_dir: str) -> None:
     lines.append("")
   if not single:
     lines += [""] + [f"![{title}]({name})" for title, name in images] + [""]
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-      f.write("\n".join(lines))
+    write_text_atomic(os.path.join(out_dir, "report.md"), "\n".join(lines))
     return
   on = f" of `{summary['single_label_dataset']}`" if "single_label_dataset" in summary else ""
   lines += [f"{summary['num_train']} train embeddings{on} (database / probe training), "
@@ -166,5 +167,4 @@ def write_report(summary: dict[str, Any], out_dir: str) -> None:
       lines.append(f"| {name} | `{r.get('plan', '-')}` | {100 * r['map@10']:.2f} | "
                    f"{100 * r['top1']:.2f} | {mflops} | {r['seconds']:.3f} | {qps} |")
   lines += [""] + [f"![{title}]({name})" for title, name in images] + [""]
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write("\n".join(lines))
+  write_text_atomic(os.path.join(out_dir, "report.md"), "\n".join(lines))

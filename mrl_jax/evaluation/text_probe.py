@@ -26,7 +26,6 @@ config.data (the corpus) and config.probe (see probe.py for the overrides rule).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -42,6 +41,8 @@ from mrl_jax import inference  # noqa: E402
 from mrl_jax.errors import ConfigError  # noqa: E402
 from mrl_jax.evaluation import similarity  # noqa: E402
 from mrl_jax.evaluation.report import finish_plot  # noqa: E402
+from mrl_jax.workdir_path import (make_dirs, workdir_path, write_json_atomic,  # noqa: E402
+                                  write_text_atomic)
 
 RETRIEVAL_KEYS = ("knn1_top1", "map@10", "precision@10", "recall@10")
 
@@ -171,7 +172,8 @@ def run_text_probe(workdir: str, config: ml_collections.ConfigDict,
   log(f"Probing {workdir} (step {model.step}, sizes {dims}).")
   summary.update(measure(model, workdir, config, settings, dims, split, log=log))
   if settings["baseline_workdir"]:
-    base_dir = os.path.abspath(settings["baseline_workdir"])
+    base_dir = os.fspath(workdir_path(settings["baseline_workdir"],
+                                      "config.probe.baseline_workdir"))
     base = inference.load(base_dir)
     base.batch_size = settings["batch_size"]
     summary["baseline"] = {"workdir": base_dir, "head": base.config.head,
@@ -180,10 +182,8 @@ def run_text_probe(workdir: str, config: ml_collections.ConfigDict,
     summary.update(measure(base, base_dir, config, settings, dims, split, prefix="baseline_",
                            log=log))
   summary["probe_seconds"] = round(time.time() - start, 1)
-  out_dir = os.path.join(workdir, "probe")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  out_dir = make_dirs(workdir_path(workdir) / "probe")  # A folder, or a prefix in a bucket.
+  write_json_atomic(out_dir / "summary.json", summary)
   write_text_report(summary, out_dir)
   log(f"Wrote {out_dir}/summary.json, report.md and plots.")
   return summary
@@ -251,5 +251,4 @@ def write_text_report(summary: dict[str, Any], out_dir: str) -> None:
               f"`{base['workdir']}`), its embedding truncated", ""]
     lines += _table(summary, [("baseline_" + k, t, s) for k, t, s in columns])
   lines += [""] + [f"![{ylabel}]({name})" for name, ylabel, _ in PLOTS] + [""]
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write("\n".join(lines))
+  write_text_atomic(os.path.join(out_dir, "report.md"), "\n".join(lines))
