@@ -76,6 +76,7 @@ from benchmarks.mrl_shape import finished_run  # pylint: disable=wrong-import-po
 from mrl_jax import inference, models, train  # pylint: disable=wrong-import-position
 from mrl_jax.data import preprocess, two_digits  # pylint: disable=wrong-import-position
 from mrl_jax.evaluation import knn, retrieval  # pylint: disable=wrong-import-position
+from mrl_jax.metric_writer import read_metrics  # pylint: disable=wrong-import-position
 
 OUTPUT_FILES = ("database.npy", "database_labels.npy", "queries.npy", "query_labels.npy")
 COMPOSE_CHUNK = 2000  # Images composed and preprocessed at a time (about 12 MB as float32).
@@ -168,11 +169,9 @@ def nesting_metrics(database: np.ndarray, database_labels: np.ndarray, queries: 
 def _final_train_metrics(workdir: str) -> dict[str, float]:
   """The last logged train/ metrics line of the run (loss and top-1 per size)."""
   last: dict[str, float] = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      if any(key.startswith("train/") for key in record):
-        last = record
+  for record in read_metrics(workdir):
+    if any(key.startswith("train/") for key in record):
+      last = record
   return {k: v for k, v in last.items() if k == "step" or k.startswith("train/")}
 
 

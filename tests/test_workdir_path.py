@@ -149,3 +149,43 @@ def test_object_store_tensorboard_events_are_copied_into_the_workdir(tmp_path, m
     steps += [event.step for value in event.summary.value if value.tag == "train/loss"]
     data = data[16 + length:]
   assert steps == [1, 2]
+
+
+def test_a_data_dir_array_record_cannot_read_is_one_line_config_error():
+  from mrl_jax.data import sources
+  with pytest.raises(ConfigError) as e:
+    sources.open_source("mrl_digits", "train", "s3://bucket/tensorflow_datasets")
+  message = str(e.value)
+  assert "\n" not in message and "s3://" in message and "mount" in message
+
+
+def test_an_embedded_dataset_missing_from_a_bucket_is_one_line_config_error(monkeypatch):
+  """array_record cannot write into a bucket: building mrl_digits there is refused."""
+  from mrl_jax.data import sources
+
+  class Unprepared:  # What TFDS's builder reports for a gs:// data_dir that lacks the dataset.
+    def is_prepared(self):
+      return False
+
+  monkeypatch.setattr(sources, "_builder", lambda name, data_dir: Unprepared())
+  monkeypatch.setattr(sources, "_build", lambda builder: pytest.fail("must not build in a bucket"))
+  with pytest.raises(ConfigError) as e:
+    sources.open_source("mrl_digits", "train", "gs://bucket/tensorflow_datasets")
+  message = str(e.value)
+  assert "\n" not in message and "gs://bucket/tensorflow_datasets" in message
+  assert "'mrl_digits'" in message and "gcsfuse" in message
+
+
+def test_writers_that_take_a_local_file_name_land_at_the_path(tmp_path, monkeypatch):
+  def save(name):  # Like a tokenizer's save(path): writes a local file by name.
+    with open(name, "w") as f:
+      f.write('{"vocab": 3}')
+
+  workdir_path.write_through_local_file(tmp_path / "local.json", save)
+  assert sorted(os.listdir(tmp_path)) == ["local.json"]
+  assert workdir_path.local_file(tmp_path / "local.json") == str(tmp_path / "local.json")
+  _as_object_store(monkeypatch)
+  workdir_path.write_through_local_file(tmp_path / "object.json", save)
+  assert sorted(os.listdir(tmp_path)) == ["local.json", "object.json"]
+  copy = workdir_path.local_file(tmp_path / "object.json")  # A downloaded copy elsewhere.
+  assert copy != str(tmp_path / "object.json") and open(copy).read() == '{"vocab": 3}'

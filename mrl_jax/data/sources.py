@@ -27,6 +27,12 @@
   otherwise `DatasetNotPreparedError` says where it looked and the command to
   run. Names that TFDS does not know raise `UnknownDatasetError` (a subclass, so
   catching `DatasetNotPreparedError` covers both).
+* `data_dir` may be a gs:// bucket: TFDS reads the dataset's metadata through
+  etils.epath and array_record reads the records with its own GCS client (it follows
+  CLOUD_STORAGE_EMULATOR_ENDPOINT). array_record cannot write into a bucket, so an
+  embedded dataset must already be prepared there (built locally and copied up);
+  otherwise, and for other URI schemes (no array_record reader), a ConfigError says
+  to use a local data_dir or a gcsfuse mount of the bucket.
 * `mock_examples > 0` reads `tfds.testing.mock_data` random examples instead
   (`mock_examples` per split, shaped by the dataset's features): smoke runs of
   configs whose data is not on this machine. The examples are generated once
@@ -42,7 +48,8 @@ from absl import logging
 import jax
 import tensorflow_datasets as tfds
 
-from mrl_jax.errors import UserError
+from mrl_jax.errors import ConfigError, UserError
+from mrl_jax.workdir_path import is_local
 
 EMBEDDED_DATASETS = ("mrl_digits", "mrl_demo_corpus", "mrl_two_digits", "mrl_text_demo",
                      "mrl_digit_captions")
@@ -127,9 +134,27 @@ def _build(builder: tfds.core.DatasetBuilder) -> None:
 _SYNCED: set[tuple[str, str | None, int]] = set()
 
 
+def check_data_dir(data_dir: str | None) -> None:
+  """Refuses a data_dir URI that array_record has no reader for (gs:// is read directly)."""
+  if data_dir is None or is_local(data_dir):
+    return
+  scheme = str(data_dir).split("://", 1)[0]
+  if scheme != "gs":
+    raise ConfigError(
+        f"config.data.data_dir={data_dir!r}: array_record reads only local files and gs:// "
+        f"buckets, not {scheme}://; copy the dataset to a local disk or mount the store "
+        "(e.g. with s3fs or gcsfuse) and pass the mount path.")
+
+
 def _prepare_embedded(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """Builds an embedded dataset once per data_dir, process 0 first."""
   builder = _builder(name, data_dir)
+  if data_dir is not None and not is_local(data_dir) and not builder.is_prepared():
+    # Every process sees the same bucket, so all of them stop here alike.
+    raise ConfigError(
+        f"config.data.data_dir={data_dir!r}: the embedded dataset {name!r} is built on "
+        "first use and array_record cannot write into a bucket; pass a local data_dir, or "
+        "mount the bucket with gcsfuse and pass the mount path.")
   key = (name, data_dir, jax.process_count())
   if jax.process_count() > 1 and key not in _SYNCED:
     # Every process reaches this barrier on its first call, whatever it finds on
@@ -204,6 +229,7 @@ def open_source(name: str, split: str, data_dir: str | None = None, *,
   """
   if mock_examples > 0:
     return _mock_source(name, split, data_dir, int(mock_examples))
+  check_data_dir(data_dir)
   if name in EMBEDDED_DATASETS:
     builder = _prepare_embedded(name, data_dir)
   else:

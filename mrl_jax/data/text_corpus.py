@@ -122,7 +122,9 @@ def data_tokenizer_file(tokenizer: epath.PathLike | None, *, name: str, split: s
         f"data.tokenizer is None, but dataset {name!r} has no tokenizer of its own "
         f"(no {candidate}): set --config.data.tokenizer=<vocab.txt or tokenizer.json>, or "
         f"rebuild the corpus with python -m {build_tool} (which trains one).")
-  return os.fspath(candidate)
+  # Tokenizers open local files only: a corpus in a gs:// data_dir is read from a copy.
+  from mrl_jax.workdir_path import local_file  # pylint: disable=g-import-not-at-top
+  return local_file(candidate)
 
 
 def _label_text(value: Any) -> str:
