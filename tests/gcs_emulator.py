@@ -10,8 +10,8 @@ What was measured (2026-12-02; gcp-storage-emulator 2026.7.19, gcsfs 2026.10.1,
 fsspec 2026.9.0, etils 1.15, orbax-checkpoint 0.12.8, tensorstore 0.1.86, no TensorFlow):
 - `unshare -n` needs root (or CAP_SYS_ADMIN); in the new namespace `lo` is down until
   `ip link set lo up`. Every port is free there, and /proc/self/net/dev lists only `lo`.
-- gcp-storage-emulator serves the GCS JSON API (one request at a time) and creates the
-  default bucket; objects are files under `DATA_DIR/.cloudstorage/BUCKET/...` (so a
+- gcp-storage-emulator serves the GCS JSON API (one request at a time; `_serve` gives
+  it a listen backlog that parallel clients fit in) and creates the default bucket; objects are files under `DATA_DIR/.cloudstorage/BUCKET/...` (so a
   test can see that a write reached it). It prints a BrokenPipeError traceback
   whenever a client closes a connection early (TensorStore does): noise, sent to its
   log file.
@@ -25,9 +25,10 @@ fsspec 2026.9.0, etils 1.15, orbax-checkpoint 0.12.8, tensorstore 0.1.86, no Ten
 - gcsfs keeps every folder listing for the life of the process unless
   `use_listings_cache` is off (mrl_jax/workdir_path.py turns it off): objects another
   process wrote later stayed invisible to `iterdir()`.
-- A TFDS data_dir on gs:// does not work without TensorFlow: the dataset_info and
-  features files are read (through epath), but array_record's C++ reader, given a
-  gs:// file name, never returned (killed after 5 minutes).
+- A TFDS data_dir on gs:// works without TensorFlow: the dataset_info and features
+  files are read through epath, the records by array_record's own GCS client
+  (google-cloud-cpp), which follows CLOUD_STORAGE_EMULATOR_ENDPOINT. Without that
+  variable, inside the namespace, its reader never returned (killed after 5 minutes).
 - etils.epath without TensorFlow opens gs:// through fsspec's gcsfs, which follows
   STORAGE_EMULATOR_HOST=http://127.0.0.1:P. gcsfs 2026.10 first asks for the bucket
   type over gRPC and waits 60 s per call against an emulator unless
@@ -138,8 +139,10 @@ def in_loopback_namespace() -> bool:
 
 
 def client_env(url: str) -> dict[str, str]:
-  """What points gcsfs, google-cloud-storage and TensorStore at the emulator at `url`."""
+  """What points gcsfs, google-cloud-storage, TensorStore and array_record (google-cloud-cpp)
+  at the emulator at `url`."""
   return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+          "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
           # No credential look-up at all: gcsfs anonymous (fsspec reads FSSPEC_GCS_TOKEN
           # as GCSFileSystem(token=...)), TensorStore a fixed token the emulator ignores,
@@ -237,6 +240,12 @@ def _serve() -> None:
   parser.add_argument("--data_dir", required=True)
   args = parser.parse_args()
   _add_generation_headers()
+  # One request at a time, with Python's default listen backlog of 5: a client opening
+  # more connections at once (array_record reads records in parallel, TensorStore
+  # writes) had its connections dropped and retried after 1, 3, 7 s: 100 records took
+  # 55 s. With room for them all in the backlog they wait their turn instead.
+  import http.server
+  http.server.HTTPServer.request_queue_size = 1024
   from gcp_storage_emulator.server import create_server
   create_server("127.0.0.1", args.port, in_memory=False, default_bucket=args.bucket,
                 data_dir=args.data_dir).run()

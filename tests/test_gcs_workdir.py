@@ -20,7 +20,7 @@ import gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = os.path.join("tests", "gcs_workdir_checks.py")
-NUM_CHECKS = 5  # The tests in CHECKS: every one must pass, none may be skipped.
+NUM_CHECKS = 6  # The tests in CHECKS: every one must pass, none may be skipped.
 
 
 @pytest.mark.slow
