@@ -30,10 +30,10 @@
 #                     every worker mounts at the same path (NFS/Filestore) works as well.
 # Optional:
 #   REF               branch, tag or commit to check out (default: the repo's default branch).
-#   TRAIN_ARGS        more flags for mrl_jax.main, e.g. "--config.data.data_dir=/mnt/tfds".
-#                     TFDS's array_record files are read from local paths only: copy
-#                     the data to each worker's disk or mount its bucket with gcsfuse
-#                     at the same path on every worker.
+#   TRAIN_ARGS        more flags for mrl_jax.main, e.g.
+#                     "--config.data.data_dir=gs://BUCKET/tfds" (a dataset prepared
+#                     there: array_record reads records from a bucket but cannot write
+#                     them) or a path every worker has (local copy, gcsfuse mount).
 #   CREATE_ARGS       more flags for `tpu-vm create`, e.g. "--spot".
 #   KEEP_TPU=1        do not delete the slice at the end (after a failure either).
 #   DRY_RUN=1         print the gcloud commands instead of running them.
