@@ -2,7 +2,6 @@
 the streamed SVD statistics, the shard-backed retrieval store and the mini-batch linear probe.
 (The whole probe both ways on the digits run: tests/test_probe.py.)"""
 
-import json
 import os
 
 import jax.numpy as jnp
