@@ -257,9 +257,7 @@ def truncation_rows(train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray
       rows.append(row)
       log(f"  {key_prefix}{prefix or 'mrl_'}d={m}: linear {row['linear_top1']:.4f}, "
           f"1-NN {row['knn1_top1']:.4f}")
-    keys = next(r for r in rows if r is not None)
-    for key in keys:
-      out[key_prefix + prefix + key] = [r[key] if r is not None else None for r in rows]
+    out.update(streamed_probe.size_columns(rows, key_prefix + prefix))
   return out
 
 

@@ -45,6 +45,13 @@ STD_EPS = 1e-6   # As linear_probe's standardisation.
 _KINDS = ("", "svd_", "random_")   # Truncations; a probe's seed is (seed, kind, size).
 
 
+def size_columns(rows: list[dict[str, float] | None], key_prefix: str) -> dict[str, list]:
+  """Per-size metric rows (None where a size was skipped) as one list per metric, keyed
+  `key_prefix + metric`: the summary's column layout, shared by both probe paths."""
+  keys = next(r for r in rows if r is not None)
+  return {key_prefix + key: [r[key] if r is not None else None for r in rows] for key in keys}
+
+
 def column_statistics(embeddings, block_rows: int) -> dict[str, np.ndarray]:
   """float64 mean [d], std [d], and the SVD basis: eigenvalues [d] (descending), vectors [d, d]."""
   num, dim = embeddings.shape
@@ -152,7 +159,5 @@ def streamed_truncation_rows(train, train_y: np.ndarray, test_z: np.ndarray, tes
       rows.append(row)
       log(f"  {key_prefix}{prefix or 'mrl_'}d={m}: linear {row['linear_top1']:.4f}, "
           f"1-NN {row['knn1_top1']:.4f}")
-    keys = next(r for r in rows if r is not None)
-    for key in keys:
-      out[key_prefix + prefix + key] = [r[key] if r is not None else None for r in rows]
+    out.update(size_columns(rows, key_prefix + prefix))
   return out
