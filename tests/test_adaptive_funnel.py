@@ -347,3 +347,17 @@ def test_rerank_on_device_equals_host_rerank():
   host = funnel.rerank(queries, database, candidates, 16, 10)
   device = np.asarray(funnel.rerank(queries, jnp.asarray(database), candidates, 16, 10))
   np.testing.assert_array_equal(device, host)
+
+
+def test_unfilled_shortlist_slots_rank_last_on_host_and_device():
+  import jax.numpy as jnp
+  queries, database = random_embeddings(num_db=60, num_q=5, d=8)
+  rng = np.random.default_rng(4)
+  filled = np.stack([rng.choice(59, size=12, replace=False) for _ in range(5)])
+  # An ANN that found only 12 of 16 pads with -1, which must not be read as row 59.
+  padded = np.concatenate([filled[:, :6], np.full((5, 4), -1), filled[:, 6:]], axis=1)
+  want = funnel.rerank(queries, database, filled, 8, 12)
+  for db in (database, jnp.asarray(database)):
+    got = np.asarray(funnel.rerank(queries, db, padded, 8, 16))
+    np.testing.assert_array_equal(got[:, :12], want)
+    np.testing.assert_array_equal(got[:, 12:], -1)

@@ -81,6 +81,7 @@ def rerank(queries: np.ndarray, database: np.ndarray, candidates: np.ndarray, di
   B * S * dim <= block_elements, at least one query). Distances are the squared L2 between
   unit-normalised prefixes, summed from coordinate differences in float32 (exact up to
   ~1e-7 of each distance, so a whole-database candidate list gives `single_shot`'s ids).
+  Id -1 (a slot an ANN shortlist could not fill) ranks last and stays -1.
   """
   if isinstance(database, jax.Array):  # Keep the database where it is: gather on device.
     return _rerank_on_device(jnp.asarray(queries), database, jnp.asarray(candidates), dim, keep)
@@ -92,9 +93,10 @@ def rerank(queries: np.ndarray, database: np.ndarray, candidates: np.ndarray, di
   for start in range(0, num_queries, block):
     cand = candidates[start:start + block]
     q = _normalized_prefix(queries[start:start + block], dim)            # [B, dim]
-    c = np.take(prefix, cand, axis=0).astype(np.float32, copy=False)    # [B, S, dim]
+    missing = cand < 0                     # np.take would read row N-1 for them.
+    c = np.take(prefix, np.where(missing, 0, cand), axis=0).astype(np.float32, copy=False)
     c = c / np.maximum(np.linalg.norm(c, axis=-1, keepdims=True), np.float32(_NORM_EPS))
-    dist = np.square(c - q[:, None, :]).sum(-1)
+    dist = np.where(missing, np.float32(np.inf), np.square(c - q[:, None, :]).sum(-1))
     order = np.lexsort((cand, dist), axis=-1)[:, :keep]  # By distance, then database id.
     out[start:start + block] = np.take_along_axis(cand, order, axis=1)
   return out
@@ -105,8 +107,10 @@ def _rerank_on_device(queries: jax.Array, database: jax.Array, candidates: jax.A
                       keep: int) -> jax.Array:
   """`rerank` for a database already on the accelerator (same distances and tie order)."""
   q = l2_normalize(queries[:, :dim].astype(jnp.float32))                    # [Q, dim]
-  c = l2_normalize(jnp.take(database[:, :dim], candidates, axis=0).astype(jnp.float32))
-  dist = jnp.sum(jnp.square(c - q[:, None, :]), axis=-1)
+  missing = candidates < 0
+  c = l2_normalize(jnp.take(database[:, :dim], jnp.where(missing, 0, candidates),
+                            axis=0).astype(jnp.float32))
+  dist = jnp.where(missing, jnp.inf, jnp.sum(jnp.square(c - q[:, None, :]), axis=-1))
   order = jnp.lexsort((candidates, dist), axis=-1)[:, :keep]
   return jnp.take_along_axis(candidates, order, axis=1)
 
