@@ -48,7 +48,8 @@ Methods (one at a time, each freed before the next; peak RSS in the JSON):
                 reorder size tuned;
   mrl           `mrl_jax.retrieval.Index` with --mrl_stores (default 16, 32, 64 float32;
                 256 and full int8) and --mrl_ann (default hnsw16 = HNSW on 16 dims, adanns =
-                IVF scanning 64 dims with clusters learnt on 16), and a grid of plans, each
+                IVF scanning 64 dims with clusters learnt on 16, hnsw256 / hnsw256q = HNSW
+                on 256 dims over float32 / int8 codes), and a grid of plans, each
                 family tuned on its own and reported (mrl_<family>):
                   adaptive_exact<Ds> / funnel_exact<Ds>  exact shortlist at Ds in
                       --shortlist_dims, sizes S in --shortlist_sizes (funnel: every store
@@ -622,10 +623,13 @@ def _parse_ann(text: str, full: int):
   specs = {}
   for item in filter(None, text.split(",")):
     name, _, body = item.partition("=")
-    kind, dim, *cluster = body.split(":")
+    kind, dim, *rest = body.split(":")
+    codes = [r for r in rest if not r.isdigit()]
+    cluster = [int(r) for r in rest if r.isdigit()]
     if int(dim) <= full:
-      specs[name] = AnnSpec(kind, int(dim), cluster_dim=int(cluster[0]) if cluster else None,
-                            hnsw_neighbours=32, ef_construction=40)
+      specs[name] = AnnSpec(kind, int(dim), cluster_dim=cluster[0] if cluster else None,
+                            hnsw_neighbours=32, ef_construction=40,
+                            codes=codes[0] if codes else "float32")
   return specs
 
 
@@ -1067,8 +1071,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   run_args.add_argument("--scann_reorder", type=_ints, default=_ints("50,100,200"))
   run_args.add_argument("--mrl_stores", default="16:float32,32:float32,64:float32,256:int8,"
                         "full:int8", help="DIM:DTYPE,... (full = the embedding size)")
-  run_args.add_argument("--mrl_ann", default="hnsw16=hnsw:16,adanns=ivf:64:16",
-                        help="NAME=hnsw:DIM or NAME=ivf:DIM[:CLUSTER_DIM],...")
+  run_args.add_argument("--mrl_ann", default="hnsw16=hnsw:16,adanns=ivf:64:16,"
+                        "hnsw256=hnsw:256,hnsw256q=hnsw:256:int8",
+                        help="NAME=hnsw:DIM[:int8] or NAME=ivf:DIM[:CLUSTER_DIM][:int8],... "
+                        "(int8: the ANN stores int8 codes of its prefix)")
   run_args.add_argument("--shortlist_dims", type=_ints, default=_ints("16,32,64"))
   run_args.add_argument("--shortlist_sizes", type=_ints,
                         default=_ints("25,50,100,200,400,800,1600"))

@@ -68,7 +68,7 @@ def test_benchmark_tiny_run_json_and_exact_reference(bench, tmp_path):
           "--max_build_s", "0", "--block_rows", "1000",   # HNSW: one block only, a subset
           "--ef_search", "32,128", "--nprobe", "4,16", "--shortlist_dims", "8",
           "--shortlist_sizes", "50,200", "--mrl_stores", "8:float32,16:float32,full:int8",
-          "--mrl_ann", "hnsw8=hnsw:8", "--out", str(out_file)]
+          "--mrl_ann", "hnsw8=hnsw:8,hnsw8q=hnsw:8:int8", "--out", str(out_file)]
   out = bench.main(argv)
   assert json.loads(out_file.read_text()) == json.loads(json.dumps(out))
   assert (out["num_database"], out["dim"], out["num_queries"]) == (num, dim, nq)
@@ -92,7 +92,11 @@ def test_benchmark_tiny_run_json_and_exact_reference(bench, tmp_path):
   assert hnsw["exact_on_subset"]["recall_exact@10"] == 1.0
   assert not methods["faiss_ivf"]["subset"]
   mrl = [n for n, r in methods.items() if r["family"] == "mrl"]
-  assert {"mrl_adaptive_exact8", "mrl_adaptive_hnsw8"} <= set(mrl)
+  assert {"mrl_adaptive_exact8", "mrl_adaptive_hnsw8", "mrl_adaptive_hnsw8q"} <= set(mrl)
+  assert "@hnsw8q:ef=" in methods["mrl_adaptive_hnsw8q"]["setting"]["plan"]
+  # The int8 graph's 8-dim prefix costs 8 bytes a vector, the float32 one's 32.
+  assert (methods["mrl_adaptive_hnsw8"]["bytes_per_vector"]
+          - methods["mrl_adaptive_hnsw8q"]["bytes_per_vector"]) == pytest.approx(24, abs=1)
   assert out["best"]["mrl"] in mrl and out["goals"]["best_mrl"] == out["best"]["mrl"]
   # The index's own exact plan is an exact row (int8 full-size codes: near, not equal, ids).
   assert methods["mrl_index_exact"]["family"] == "exact"

@@ -178,10 +178,12 @@ def test_stores_and_ann_flags_parse_to_the_library_specs():
   assert index_cli.parse_stores("16:float32, 2048:int8,64") == {
       16: "float32", 2048: "int8", 64: "float32"}
   assert index_cli.parse_ann(["hnsw16=hnsw:16:neighbours=16", "adanns=ivf:64:cluster=16:lists=1024"
-                              ",flat=ivf:32"]) == {
+                              ",flat=ivf:32", "q=hnsw:256:codes=int8"]) == {
       "hnsw16": AnnSpec(kind="hnsw", dim=16, hnsw_neighbours=16),
       "adanns": AnnSpec(kind="ivf", dim=64, cluster_dim=16, ivf_lists=1024),
-      "flat": AnnSpec(kind="ivf", dim=32)}
+      "flat": AnnSpec(kind="ivf", dim=32), "q": AnnSpec(kind="hnsw", dim=256, codes="int8")}
+  with pytest.raises(index_cli.ArgumentError, match="codes='int4' is unknown"):
+    index_cli.parse_ann(["q=hnsw:256:codes=int4"])
 
 
 def test_help_runs_as_a_module():

@@ -14,7 +14,9 @@ build: the database is a float32 [N, d] .npy (memory-mapped, read in row blocks)
   prefixes as DIM:DTYPE (float32, float16 or int8); --ann names faiss shortlists as
   NAME=KIND:DIM[:OPTION=VALUE...], KIND hnsw or ivf; options: cluster (AdANNS: the
   prefix the IVF clusters are learnt on), lists (IVF lists), neighbours and
-  ef_construction (HNSW), seed. Prints one line: vectors, dims, bytes/vector, seconds.
+  ef_construction (HNSW), seed, codes (float32, or int8: the structure keeps 8-bit
+  codes of its prefix, a quarter of the bytes). Prints one line: vectors, dims,
+  bytes/vector, seconds.
 search: writes the ids [Q, k] (int64) to --out and the distances (float32 squared
   L2 between unit-normalised prefixes) beside it (`ids_distances.npy` for `ids.npy`);
   prints queries/s of one search after an untimed one (JAX compiles on first use; the
@@ -124,8 +126,9 @@ def parse_ann(texts: Sequence[str] | None) -> dict[str, Any] | None:
     return None
   from mrl_jax.retrieval.ann import AnnSpec
   specs: dict[str, Any] = {}
-  usage = ("write NAME=KIND:DIM[:OPTION=VALUE...], e.g. hnsw16=hnsw:16 or "
-           "adanns=ivf:64:cluster=16:lists=1024 (options: " + ", ".join(_ANN_OPTIONS) + ")")
+  usage = ("write NAME=KIND:DIM[:OPTION=VALUE...], e.g. hnsw16=hnsw:16, "
+           "adanns=ivf:64:cluster=16:lists=1024 or hnsw256q=hnsw:256:codes=int8 (options: "
+           + ", ".join([*_ANN_OPTIONS, "codes"]) + ")")
   for item in (part.strip() for text in texts for part in text.split(",")):
     if not item:
       continue
@@ -136,9 +139,12 @@ def parse_ann(texts: Sequence[str] | None) -> dict[str, Any] | None:
     if name in specs or name == "exact":
       why = "reserved" if name == "exact" else "given twice"
       raise ArgumentError(f"--ann name {name!r} is {why}: give each shortlist its own name.")
-    options: dict[str, int] = {}
+    options: dict[str, int | str] = {}
     for option in fields[2:]:
       key, _, value = option.partition("=")
+      if key == "codes" and value:
+        options["codes"] = value        # AnnSpec names the allowed values if it is wrong.
+        continue
       if key not in _ANN_OPTIONS or not value.isdigit():
         raise ArgumentError(f"--ann entry {item!r}: option {option!r} does not parse: {usage}.")
       options[_ANN_OPTIONS[key]] = int(value)
