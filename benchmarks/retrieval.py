@@ -1064,7 +1064,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="database rows read (and added to HNSW) per block; 0: 64 MiB")
   run_args.add_argument("--hnsw_neighbours", type=int, default=32)
   run_args.add_argument("--ef_construction", type=int, default=40)
-  run_args.add_argument("--ef_search", type=_ints, default=_ints("16,32,64,128,256,512,1024"))
+  # From 10 (= k): the full-size graph gets beams as small as the MRL shortlists.
+  run_args.add_argument("--ef_search", type=_ints,
+                        default=_ints("10,12,16,24,32,64,128,256,512,1024"))
   run_args.add_argument("--nprobe", type=_ints, default=_ints("1,2,4,8,16,32,64,128,256"))
   run_args.add_argument("--scann_leaves", type=_floats, default=_floats(
       "0.005,0.01,0.02,0.05,0.1,0.2"), help="fractions of the leaves searched")
@@ -1077,7 +1079,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(int8: the ANN stores int8 codes of its prefix)")
   run_args.add_argument("--shortlist_dims", type=_ints, default=_ints("16,32,64"))
   run_args.add_argument("--shortlist_sizes", type=_ints,
-                        default=_ints("25,50,100,200,400,800,1600"))
+                        default=_ints("16,25,50,100,200,400,800,1600"))
   run_args.add_argument("--index_exact", type=int, default=1,
                         help="also time the MRL index's own exact full-size plan (1/0)")
   run_args.add_argument("--tuning_log", action="store_true",
