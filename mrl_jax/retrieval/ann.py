@@ -54,7 +54,9 @@ from mrl_jax.retrieval.prefix_store import (normalized_prefix, sort_by_distance_
                                              unit_prefix_rows)
 
 ANN_KINDS = ("hnsw", "ivf")
-ANN_CODES = ("float32", "int8")  # How the scanned prefix is stored inside the structure.
+# How the scanned prefix is stored inside the structure, and its bytes per dimension.
+ANN_CODE_BYTES = {"float32": 4, "int8": 1}
+ANN_CODES = tuple(ANN_CODE_BYTES)
 FORMAT = "mrl_jax.ann_shortlist"
 FORMAT_VERSION = 1
 DEFAULT_NPROBE = 16
@@ -143,12 +145,12 @@ class AnnShortlist:
     n = len(embeddings)
     if n == 0:
       raise IndexQueryError("Cannot build an ANN shortlist from 0 embeddings.")
-    if spec.kind == "hnsw" and spec.codes == "int8":
-      index = faiss.IndexHNSWSQ(spec.dim, faiss.ScalarQuantizer.QT_8bit, spec.hnsw_neighbours)
-      index.hnsw.efConstruction = spec.ef_construction
-      index.train(_sample_rows(embeddings, spec.dim, _CODES_SAMPLE_ROWS, spec.seed))
-    elif spec.kind == "hnsw":
-      index = faiss.IndexHNSWFlat(spec.dim, spec.hnsw_neighbours)
+    if spec.kind == "hnsw":
+      if spec.codes == "int8":
+        index = faiss.IndexHNSWSQ(spec.dim, faiss.ScalarQuantizer.QT_8bit, spec.hnsw_neighbours)
+        index.train(_sample_rows(embeddings, spec.dim, _CODES_SAMPLE_ROWS, spec.seed))
+      else:
+        index = faiss.IndexHNSWFlat(spec.dim, spec.hnsw_neighbours)
       index.hnsw.efConstruction = spec.ef_construction
     else:
       index = _trained_ivf(faiss, embeddings, spec)
@@ -218,7 +220,7 @@ class AnnShortlist:
   def bytes_per_vector(self) -> float:
     """Memory per vector: the stored prefix, its graph links or list id, centroids amortised."""
     n = max(1, self.num_vectors)
-    per = (4.0 if self.spec.codes == "float32" else 1.0) * self.dim
+    per = float(ANN_CODE_BYTES[self.spec.codes] * self.dim)
     if self.spec.kind == "hnsw":
       hnsw = self.index.hnsw
       links = hnsw.neighbors.size() * 4 + hnsw.offsets.size() * 8 + hnsw.levels.size() * 4

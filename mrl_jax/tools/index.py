@@ -49,7 +49,9 @@ from mrl_jax.errors import UserError
 
 _WARMUP_QUERIES = 4096  # search warms up on all queries up to this many, else on 1,024.
 _ANN_OPTIONS = {"cluster": "cluster_dim", "lists": "ivf_lists", "neighbours": "hnsw_neighbours",
-                "ef_construction": "ef_construction", "seed": "seed"}
+                "ef_construction": "ef_construction", "seed": "seed", "codes": "codes"}
+# Passed on as written (AnnSpec names the allowed values if one is wrong); the rest are ints.
+_TEXT_ANN_OPTIONS = ("codes",)
 
 
 class ArrayFileError(UserError, ValueError):
@@ -128,7 +130,7 @@ def parse_ann(texts: Sequence[str] | None) -> dict[str, Any] | None:
   specs: dict[str, Any] = {}
   usage = ("write NAME=KIND:DIM[:OPTION=VALUE...], e.g. hnsw16=hnsw:16, "
            "adanns=ivf:64:cluster=16:lists=1024 or hnsw256q=hnsw:256:codes=int8 (options: "
-           + ", ".join([*_ANN_OPTIONS, "codes"]) + ")")
+           + ", ".join(_ANN_OPTIONS) + ")")
   for item in (part.strip() for text in texts for part in text.split(",")):
     if not item:
       continue
@@ -142,12 +144,10 @@ def parse_ann(texts: Sequence[str] | None) -> dict[str, Any] | None:
     options: dict[str, int | str] = {}
     for option in fields[2:]:
       key, _, value = option.partition("=")
-      if key == "codes" and value:
-        options["codes"] = value        # AnnSpec names the allowed values if it is wrong.
-        continue
-      if key not in _ANN_OPTIONS or not value.isdigit():
+      text = key in _TEXT_ANN_OPTIONS
+      if key not in _ANN_OPTIONS or not (value if text else value.isdigit()):
         raise ArgumentError(f"--ann entry {item!r}: option {option!r} does not parse: {usage}.")
-      options[_ANN_OPTIONS[key]] = int(value)
+      options[_ANN_OPTIONS[key]] = value if text else int(value)
     try:
       specs[name] = AnnSpec(kind=fields[0], dim=int(fields[1]), **options)
     except (TypeError, ValueError) as e:
