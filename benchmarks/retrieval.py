@@ -32,8 +32,9 @@ Protocol. The queries are split (seeded) into a tuning half and a reported half.
 Every method's settings (ef_search, nprobe, leaves / reorder, the MRL plan) are
 chosen on the tuning half only: the fastest setting whose tuning mAP@10 (recall of
 the exact full-size top-10 without labels) is at least --bar (0.99) times exact
-full-size search's; then it is measured on the reported half alone (median of
---repeats batched runs after a warm-up). The best MRL plan is the fastest MRL plan
+full-size search's; then it is measured on the reported half alone (the median of
+at least --repeats batched runs after a warm-up, and of more until they add up to
+--min_time_s, both halves alike). The best MRL plan is the fastest MRL plan
 that met the bar on the tuning half; the best full-size ANN likewise among
 faiss HNSW / IVF / ScaNN.
 
@@ -327,11 +328,15 @@ def file_blocks_normalized(rows: NpyRows, stop: int):
 
 # --- Timing and tuning --------------------------------------------------------------------
 
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
-  """(result, median seconds of `repeats` calls) after one warm-up call."""
+def timed(fn: Callable[[], Any], repeats: int, min_seconds: float = 0.0,
+          max_calls: int = 200) -> tuple[Any, float]:
+  """(result, median seconds per call) after one warm-up call: at least `repeats` calls, and
+  more (up to max_calls) until they add up to min_seconds. A batch that takes a few ms (the
+  fast ANNs on 500 queries) is timed over a hundred calls, not three, so thread wake-ups and
+  cache state do not decide which method wins."""
   out = fn()
-  times = []
-  for _ in range(max(1, repeats)):
+  times: list[float] = []
+  while len(times) < max(1, repeats) or (sum(times) < min_seconds and len(times) < max_calls):
     start = time.perf_counter()
     out = fn()
     times.append(time.perf_counter() - start)
@@ -350,13 +355,15 @@ class Tuner:
   """Picks, on the tuning queries, the fastest candidate that meets the bar."""
 
   def __init__(self, queries: np.ndarray, query_labels: np.ndarray | None,
-               db_labels: np.ndarray | None, exact_ids: np.ndarray, bar: float, repeats: int):
+               db_labels: np.ndarray | None, exact_ids: np.ndarray, bar: float, repeats: int,
+               min_seconds: float = 0.0):
     self.queries, self.query_labels, self.db_labels = queries, query_labels, db_labels
     self.exact_ids, self.bar, self.repeats = exact_ids, bar, repeats
+    self.min_seconds = min_seconds
     self.metric = "map@10" if query_labels is not None else "recall_exact@10"
 
   def measure(self, candidate: Candidate) -> dict[str, Any]:
-    ids, seconds = timed(lambda: candidate.search(self.queries), self.repeats)
+    ids, seconds = timed(lambda: candidate.search(self.queries), self.repeats, self.min_seconds)
     metrics = quality(ids, self.query_labels, self.db_labels, self.exact_ids)
     return {"setting": candidate.setting, "queries_per_s": len(self.queries) / seconds,
             **metrics, "met_bar": metrics[self.metric] >= self.bar}
@@ -618,7 +625,8 @@ def _parse_stores(text: str, full: int) -> dict[int, str]:
   return stores
 
 
-def _parse_ann(text: str, full: int):
+def _parse_ann(text: str, full: int, hnsw_neighbours: int, ef_construction: int):
+  """The MRL ANNs; their graphs are built with the full-size graph's M and efConstruction."""
   from mrl_jax.retrieval.ann import AnnSpec
   specs = {}
   for item in filter(None, text.split(",")):
@@ -628,7 +636,7 @@ def _parse_ann(text: str, full: int):
     cluster = [int(r) for r in rest if r.isdigit()]
     if int(dim) <= full:
       specs[name] = AnnSpec(kind, int(dim), cluster_dim=cluster[0] if cluster else None,
-                            hnsw_neighbours=32, ef_construction=40,
+                            hnsw_neighbours=hnsw_neighbours, ef_construction=ef_construction,
                             codes=codes[0] if codes else "float32")
   return specs
 
@@ -698,7 +706,7 @@ def build_mrl(db: Database, args: argparse.Namespace, rows: int) -> Built:
   from mrl_jax.retrieval.plans import plan_flops, plan_name
   full = db.dim
   stores = _parse_stores(args.mrl_stores, full)
-  ann = _parse_ann(args.mrl_ann, full)
+  ann = _parse_ann(args.mrl_ann, full, args.hnsw_neighbours, args.ef_construction)
   memmap = db.rows.memmap()
   start = time.perf_counter()
   index = Index.build(memmap[:rows], stores=stores, ann=ann)
@@ -877,7 +885,7 @@ def _run_methods(args: argparse.Namespace, db: Database, calibration: dict | Non
     log(f"  {method}: built in {built.build_s:.1f} s on {built.built_rows:,} rows "
         f"(peak RSS {peak_rss_gb():.2f} GB); tuning ...")
     tuner = Tuner(db.queries[tune_ids], query_labels(tune_ids), db_labels, ref[tune_ids], bar,
-                  args.tune_repeats)
+                  args.tune_repeats, args.min_time_s)
     if method == "mrl":  # Report the best plan of every MRL family, and mark the best of all.
       per_family: dict[str, list[list[Candidate]]] = {}
       for chain in built.chains:
@@ -890,7 +898,8 @@ def _run_methods(args: argparse.Namespace, db: Database, calibration: dict | Non
       name = _report_name(method, tune_row)
       names.append(name)
       tuning_log[name] = log_rows
-      ids, seconds = timed(lambda c=candidate: c.search(db.queries[report_ids]), args.repeats)
+      ids, seconds = timed(lambda c=candidate: c.search(db.queries[report_ids]), args.repeats,
+                           args.min_time_s)
       mflops, bytes_per_vector = candidate.cost(db.queries[report_ids])
       row = {"family": _family(built, candidate.setting),
              "queries_per_s": len(report_ids) / seconds,
@@ -957,6 +966,7 @@ def summarize(args, db: Database, results: dict[str, dict], tuning_log: dict, ca
          "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                      "python": sys.version.split()[0]},
          "max_build_s": args.max_build_s, "repeats": args.repeats,
+         "min_time_s": args.min_time_s,
          "peak_rss_gb": peak_rss_gb(), "wall_s": time.perf_counter() - wall}
   if calibration:
     out["calibration"] = calibration
@@ -1057,6 +1067,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="tuned settings reach this fraction of exact's tuning metric")
   run_args.add_argument("--repeats", type=int, default=3)
   run_args.add_argument("--tune_repeats", type=int, default=1)
+  run_args.add_argument("--min_time_s", type=float, default=0.5,
+                        help="time each setting over more calls (up to 200) until they add "
+                        "up to this many seconds; the median call is reported")
   run_args.add_argument("--max_build_s", type=float, default=900.0)
   run_args.add_argument("--max_rss_gb", type=float, default=20.0,
                         help="ScaNN is built on fewer rows if its build would pass this")
@@ -1078,8 +1091,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="NAME=hnsw:DIM[:int8] or NAME=ivf:DIM[:CLUSTER_DIM][:int8],... "
                         "(int8: the ANN stores int8 codes of its prefix)")
   run_args.add_argument("--shortlist_dims", type=_ints, default=_ints("16,32,64"))
+  # From 10 (= k), like --ef_search: the MRL shortlists get lists as short as the full-size
+  # graph's beams.
   run_args.add_argument("--shortlist_sizes", type=_ints,
-                        default=_ints("16,25,50,100,200,400,800,1600"))
+                        default=_ints("10,12,16,25,50,100,200,400,800,1600"))
   run_args.add_argument("--index_exact", type=int, default=1,
                         help="also time the MRL index's own exact full-size plan (1/0)")
   run_args.add_argument("--tuning_log", action="store_true",

@@ -65,6 +65,7 @@ def test_benchmark_tiny_run_json_and_exact_reference(bench, tmp_path):
           "--classes", "10", "--decay", "0.75", "--noise", "1.0",
           "--scratch", str(tmp_path / "scratch"),
           "--methods", "exact,faiss_flat,faiss_hnsw,faiss_ivf,mrl", "--repeats", "1",
+          "--min_time_s", "0",
           "--max_build_s", "0", "--block_rows", "1000",   # HNSW: one block only, a subset
           "--ef_search", "32,128", "--nprobe", "4,16", "--shortlist_dims", "8",
           "--shortlist_sizes", "50,200", "--mrl_stores", "8:float32,16:float32,full:int8",
@@ -127,7 +128,8 @@ def test_benchmark_user_files_without_labels_report_recall_only(bench, tmp_path)
   np.save(tmp_path / "db.npy", database)
   np.save(tmp_path / "q.npy", queries)
   out = bench.main(["--database", str(tmp_path / "db.npy"), "--queries", str(tmp_path / "q.npy"),
-                    "--name", "mine", "--methods", "exact,faiss_flat", "--repeats", "1"])
+                    "--name", "mine", "--methods", "exact,faiss_flat", "--repeats", "1",
+                    "--min_time_s", "0"])
   assert out["name"] == "mine" and out["labels"] is False and out["num_database"] == 1500
   for row in out["methods"].values():
     assert "map@10" not in row and row["tuning"]["metric"] == "recall_exact@10"
@@ -139,6 +141,25 @@ def test_benchmark_user_files_without_labels_report_recall_only(bench, tmp_path)
   bench_ids = bench.exact_top_k(bench.normalized(queries[report]),
                                 bench.in_memory_blocks(bench.normalized(database), 512), 10)
   assert (bench_ids == ids).mean() >= 0.99
+
+
+def test_timed_calls_repeats_then_more_until_min_seconds(bench, monkeypatch):
+  calls = []
+  clock = iter(np.arange(0.0, 1e6, 0.01))   # Each perf_counter() call: 10 ms later.
+  monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+
+  def fn():
+    calls.append(1)
+    return len(calls)
+
+  out, seconds = bench.timed(fn, 3)   # One warm-up call, then exactly `repeats`.
+  assert (out, len(calls), seconds) == (4, 4, pytest.approx(0.01))
+  calls.clear()
+  bench.timed(fn, 3, min_seconds=0.245)  # 10 ms a call: 25 calls pass 0.245 s.
+  assert len(calls) == 1 + 25
+  calls.clear()
+  bench.timed(fn, 3, min_seconds=100.0, max_calls=40)   # Capped.
+  assert len(calls) == 1 + 40
 
 
 def test_build_budget_rows_from_a_pilot_follow_the_closed_form(bench):
