@@ -164,3 +164,26 @@ def test_int8_codes_keep_recall_at_a_quarter_of_the_bytes(clustered, tmp_path, s
   np.testing.assert_array_equal(loaded.search(queries, 10, ef_search=128, nprobe=30)[0], ids)
   with pytest.raises(IndexQueryError, match="codes='int4' is unknown"):
     AnnSpec("hnsw", 32, codes="int4")
+
+
+def test_searches_use_blas_for_batches_and_leave_faiss_global_as_found(clustered):
+  from mrl_jax.retrieval.ann import BATCH_BLAS_THRESHOLD, blas_for_batches
+  database, queries = clustered
+  before = faiss.cvar.distance_compute_blas_threshold
+  try:
+    faiss.cvar.distance_compute_blas_threshold = 10**6   # A user's own (faiss 1.15: 128,000).
+    with blas_for_batches(faiss):
+      assert faiss.cvar.distance_compute_blas_threshold == BATCH_BLAS_THRESHOLD
+    with pytest.raises(RuntimeError), blas_for_batches(faiss):
+      raise RuntimeError("restored on errors too")
+    assert faiss.cvar.distance_compute_blas_threshold == 10**6
+    faiss.cvar.distance_compute_blas_threshold = 5    # Lower than ours: kept inside the block.
+    with blas_for_batches(faiss):
+      assert faiss.cvar.distance_compute_blas_threshold == 5
+    faiss.cvar.distance_compute_blas_threshold = 10**6
+    ivf = AnnShortlist.build(database, AnnSpec("ivf", 32, cluster_dim=8, ivf_lists=40))
+    ids, _ = ivf.search(queries, 10, nprobe=40)   # All lists: exact at 32 dims.
+    assert faiss.cvar.distance_compute_blas_threshold == 10**6
+    assert recall(ids, exact_ids(queries, database, 32, 10)) >= 0.99
+  finally:
+    faiss.cvar.distance_compute_blas_threshold = before

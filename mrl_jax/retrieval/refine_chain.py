@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from mrl_jax.retrieval.ann import blas_for_batches
 from mrl_jax.retrieval.prefix_store import PrefixStore, sort_by_distance_then_id
 
 
@@ -73,7 +74,8 @@ class RefineChain:
       raise ValueError(f"{len(keeps)} keeps for a {self.num_stages}-stage chain.")
     params, _owners = self._parameters(keeps, ef_search, nprobe)  # _owners: alive during search.
     q = np.ascontiguousarray(queries, np.float32)
-    dist, ids = self._index.search(q, int(keeps[-1]), params=params)
+    with blas_for_batches(self._faiss):
+      dist, ids = self._index.search(q, int(keeps[-1]), params=params)
     ids = ids.astype(np.int64, copy=False)
     dist = np.where(ids < 0, np.float32(np.inf), dist).astype(np.float32)
     return sort_by_distance_then_id(dist, ids, int(keeps[-1]))
