@@ -45,8 +45,9 @@ each has --rematch_s seconds): on the tuning half, to pick the best MRL plan; th
 reported half together with the best full-size ANN reopened from scratch, for the goal's
 ratio. Timed apart (minutes between them), the same MRL plan ran up to 1.7x faster in one
 process or run than in another on this 2-core machine, while faiss IVF at full size varied
-by about 10-20%; the table keeps the per-method timings, the goals take the rematch's. faiss's distance_compute_blas_threshold is set to
---faiss_blas_threshold (20) for every faiss method alike (see the flag).
+by about 10-20%; the table keeps the per-method timings, the goals take the rematch's.
+faiss's distance_compute_blas_threshold is set to --faiss_blas_threshold (20) for every
+faiss method alike (see the flag).
 
 Methods (one at a time, each freed before the next; peak RSS in the JSON):
   exact         normalised float32 copy in RAM, blocked BLAS matmul + top-k (numpy);
@@ -1067,10 +1068,9 @@ def rematch(results: dict[str, dict], contenders: dict[str, Candidate],
   if saved_ann:
     ann_name, setting, reopen, _ = saved_ann
     start = time.perf_counter()
-    fns[ann_name], release = reopen(setting)
+    search, release = reopen(setting)
     log(f"  rematch: reopened {ann_name} in {time.perf_counter() - start:.0f} s "
         f"(RSS {rss_gb():.1f} GB)")
-    search = fns[ann_name]
     fns[ann_name] = lambda: search(report_queries)
   reported = interleaved(fns, args.repeats, args.rematch_s)
   release()
@@ -1185,13 +1185,13 @@ def print_table(out: dict[str, Any]) -> None:
         for dim, row in out["prefix_exact_reported"].items()) + " (recall, mAP@10, P@10)")
   if "rematch" in out:
     r = out["rematch"]
+    tuning = {n: f"{q:.0f}" for n, q in r["tuning_queries_per_s"].items()}
+    shown = ", ".join(f"{n} {tuning.get(n, '-')} / {q:.0f}"
+                      for n, q in r["reported_queries_per_s"].items())
+    ratio = (f" = {r['speedup_vs_best_ann']:.2f}x {r['best_full_dim_ann']}"
+             if r.get("best_full_dim_ann") else "")
     log(f"rematch (interleaved, {r['seconds_each']:g} s each), queries/s tuning / reported: "
-        + ", ".join(f"{n} {r['tuning_queries_per_s'][n]:.0f} / "
-                    f"{r['reported_queries_per_s'][n]:.0f}" if n in r["tuning_queries_per_s"]
-                    else f"{n} - / {r['reported_queries_per_s'][n]:.0f}"
-                    for n in r["reported_queries_per_s"])
-        + (f"; best MRL {r['best_mrl']} = {r['speedup_vs_best_ann']:.2f}x {r['best_full_dim_ann']}"
-           if r.get("best_full_dim_ann") else f"; best MRL {r['best_mrl']}"))
+        f"{shown}; best MRL {r['best_mrl']}{ratio}")
   if "goals" in out:
     log(f"goals: {json.dumps(out['goals'])}")
 

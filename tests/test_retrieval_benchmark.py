@@ -222,11 +222,11 @@ def test_interleaved_rounds_time_every_contestant_alike(bench, monkeypatch):
     return fn
 
   # a takes 10 ms a call, b 40 ms: bursts of 3 (one untimed) until both have 0.2 s of timed
-  # calls; b needs 3 rounds (6 timed calls, 0.24 s), so a gets 3 rounds too.
+  # calls. b has it after 3 rounds (6 timed calls, 0.24 s), a only after 10 (20 calls).
   medians = bench.interleaved({"a": contestant("a", 0.01), "b": contestant("b", 0.04)},
                               repeats=2, min_seconds=0.2, burst=3)
   assert medians == {"a": pytest.approx(0.01), "b": pytest.approx(0.04)}
-  # a only reaches 0.2 s after 10 rounds (20 timed calls): every round calls both.
+  # The rounds go on until the slower-to-fill a is done, and every round calls both.
   assert calls.count("a") == calls.count("b") == 3 * 10
   # The order rotates each round; each burst is one contestant's three calls in a row.
   assert calls[:6] == ["a"] * 3 + ["b"] * 3 and calls[6:12] == ["b"] * 3 + ["a"] * 3
