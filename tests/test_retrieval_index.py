@@ -441,6 +441,28 @@ def test_faiss_refine_chain_gives_the_numpy_rerank_ids(data):
   np.testing.assert_array_equal(ids, index.search(queries, 10, "adaptive:8:400:64@hnsw8:ef=400")[0])
 
 
+def test_faiss_refine_chain_on_a_full_width_int8_store(data):
+  """The last stage at the queries' full width refines with the store's bare codes index on
+  queries the chain normalises itself: the same results as the numpy rerank, for queries at
+  any scale."""
+  pytest.importorskip("faiss")
+  from mrl_jax.retrieval.ann import AnnSpec
+  database, queries, _, _ = data
+  index = Index.build(database, stores={16: "float32", 64: "int8"},
+                      ann={"hnsw8": AnnSpec("hnsw", 8)})
+  for plan in ("adaptive:8:200:64@hnsw8:ef=300", "funnel:8,16,64:300,60@hnsw8"):
+    index.faiss_refine = False
+    ref_ids, ref_dist = index.search(queries, 10, plan)
+    index.faiss_refine = True
+    for scale in (1.0, 7.5):
+      ids, dist = index.search(queries * np.float32(scale), 10, plan)
+      # The same int8 codes decoded by faiss and by numpy: only quantised near-ties may swap.
+      assert np.mean(ids == ref_ids) > 0.99
+      same = ids == ref_ids
+      np.testing.assert_allclose(dist[same], ref_dist[same], rtol=0,
+                                 atol=float32_atol(4.0, 64))
+
+
 def test_calibrate_default_grid_follows_what_is_built(data):
   database, queries, _, _ = data
   index = Index.build(database[:300], stores={8: "float32", 64: "float32"})
