@@ -203,7 +203,7 @@ class PrefixStore:
   def add(self, embeddings: np.ndarray) -> None:
     """Appends vectors (int8: coded with the build's scales, out-of-range values clipped).
 
-    A faiss index from `refine_index()` does not see them: call it again.
+    A faiss index from `refine_index()` or `codes_index()` does not see them: call it again.
     """
     _check_rows(embeddings, self.dim, "Embeddings")
     codes = self._codec.encode(unit_prefix_rows(embeddings, self.dim))
