@@ -442,9 +442,8 @@ def test_faiss_refine_chain_gives_the_numpy_rerank_ids(data):
 
 
 def test_faiss_refine_chain_on_a_full_width_int8_store(data):
-  """The last stage at the queries' full width refines with the store's bare codes index on
-  queries the chain normalises itself: the same results as the numpy rerank, for queries at
-  any scale."""
+  """An int8 store at the queries' full width as the chain's last stage: the same results as
+  the numpy rerank, for queries at any scale (each stage normalises its own prefix)."""
   pytest.importorskip("faiss")
   from mrl_jax.retrieval.ann import AnnSpec
   database, queries, _, _ = data

@@ -203,7 +203,7 @@ class PrefixStore:
   def add(self, embeddings: np.ndarray) -> None:
     """Appends vectors (int8: coded with the build's scales, out-of-range values clipped).
 
-    A faiss index from `refine_index()` or `codes_index()` does not see them: call it again.
+    A faiss index from `refine_index()` does not see them: call it again.
     """
     _check_rows(embeddings, self.dim, "Embeddings")
     codes = self._codec.encode(unit_prefix_rows(embeddings, self.dim))
@@ -352,22 +352,14 @@ class PrefixStore:
     input_dim = self.input_dim if input_dim is None else int(input_dim)
     if input_dim < self.dim:
       raise IndexQueryError(f"input_dim={input_dim} is below the store's prefix {self.dim}.")
-    chain = faiss.IndexPreTransform(self.codes_index())
+    if self._faiss_index is None:
+      self._faiss_index = self._codes_index(faiss)
+    chain = faiss.IndexPreTransform(self._faiss_index)
     chain.prepend_transform(faiss.NormalizationTransform(self.dim))
     if input_dim != self.dim:
       chain.prepend_transform(faiss.RemapDimensionsTransform(input_dim, self.dim, False))
     _keep_alive(chain, self._faiss_index)
     return chain
-
-  def codes_index(self) -> Any:
-    """The faiss index over these codes itself, for [Q, dim] queries already unit-normalised
-    at this prefix (refine_index wraps it for raw queries). Built once, as refine_index."""
-    faiss = _faiss_or_none()
-    if faiss is None:
-      raise ImportError("codes_index needs faiss: `pip install faiss-cpu`.")
-    if self._faiss_index is None:
-      self._faiss_index = self._codes_index(faiss)
-    return self._faiss_index
 
   def _codes_index(self, faiss: Any) -> Any:
     if self.dtype == "float32":

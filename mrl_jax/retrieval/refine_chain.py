@@ -25,16 +25,6 @@ linearly with the shortlist and never hit the numpy path's slow case (set
 `index.faiss_refine = False` to switch). Index overhead around the faiss call was
 under 5%. Ids: equal to the stage-by-stage path for float32 stores, and for > 99.9% of
 slots with int8 (quantised near-ties).
-
-A store at the queries' full width refines through its bare codes index (the queries
-normalised once in numpy) instead of a normalising IndexPreTransform around it. HNSW on an
-int8 256-dim prefix, int8 rerank at 2048, 500 queries, medians of 40 calls, quiet 2-core
-CPU, ms per batch:
-  200,000 Gaussian vectors (dim j scaled by 1/(j+1)), shortlist 12 at efSearch 12: the
-    refine added 2.1 wrapped, 1.25 bare;
-  1M x 2048 synthetic database, three rounds, wrapped vs bare (the graph alone in brackets):
-    shortlist 12, efSearch 12: 19.7 / 16.4 / 16.4 vs 17.7 / 15.5 / 15.4 (17.4 / 14.9 / 13.7)
-    shortlist 16, efSearch 16: 20.3 / 19.8 / 19.6 vs 21.6 / 19.1 / 18.3 (17.0 / 16.2 / 16.5)
 """
 
 from __future__ import annotations
@@ -45,8 +35,7 @@ from typing import Any
 import numpy as np
 
 from mrl_jax.retrieval.ann import blas_for_batches
-from mrl_jax.retrieval.prefix_store import (PrefixStore, sort_by_distance_then_id,
-                                             unit_prefix_rows)
+from mrl_jax.retrieval.prefix_store import PrefixStore, sort_by_distance_then_id
 
 
 class RefineChain:
@@ -58,15 +47,8 @@ class RefineChain:
     self._shortlist = shortlist
     index = shortlist.base_index(input_dim)
     self._parts = [index]                     # Python owners of every faiss object.
-    # A store at the queries' full width refines with its bare codes index, on queries
-    # normalised once in search(): through the IndexPreTransform wrapper the same int8
-    # refine cost about twice as much (see the module doc). The stages before it normalise
-    # their own prefix, which a unit full-width query leaves unchanged.
-    self._input_dim = int(input_dim)
-    self._unit_queries = any(store.dim == self._input_dim for store in stores)
     for store in stores:
-      refine = (store.codes_index() if store.dim == self._input_dim
-                else store.refine_index(input_dim))
+      refine = store.refine_index(input_dim)
       index = faiss.IndexRefine(index, refine)
       self._parts += [refine, index]
     self._index = index
@@ -92,8 +74,6 @@ class RefineChain:
       raise ValueError(f"{len(keeps)} keeps for a {self.num_stages}-stage chain.")
     params, _owners = self._parameters(keeps, ef_search, nprobe)  # _owners: alive during search.
     q = np.ascontiguousarray(queries, np.float32)
-    if self._unit_queries:
-      q = unit_prefix_rows(q, self._input_dim)
     with blas_for_batches(self._faiss):
       dist, ids = self._index.search(q, int(keeps[-1]), params=params)
     ids = ids.astype(np.int64, copy=False)
