@@ -35,8 +35,8 @@ the exact full-size top-10 without labels) is at least --bar (0.99) times exact
 full-size search's; then it is measured on the reported half alone (the median of
 at least --repeats batched runs after a warm-up, and of more until they add up to
 --min_time_s, both halves alike). The best full-size ANN is the fastest on the tuning
-half among faiss HNSW / IVF / ScaNN that met the bar; a faiss one is written to --scratch
-for the rematch.
+half among faiss HNSW / IVF / ScaNN that met the bar; it is written to --scratch for the
+rematch (a faiss file or a ScaNN directory).
 
 Rematch (--rematch 1, after the MRL index is built, the baselines freed). The MRL families
 that met the bar within --rematch_within of the fastest one's tuning queries/s are timed
@@ -68,6 +68,8 @@ Methods (one at a time, each freed before the next; peak RSS in the JSON):
                       above Ds, keeping S, S/2, S/4, ... >= 10);
                   adaptive_<ann> / funnel_<ann>  the ANN's shortlist, S x (efSearch >= S in
                       --ef_search, or nprobe in --nprobe);
+                  ..._to<Dr>  the same, reranked at a stored prefix Dr below full size
+                      (--rerank_dims, default full only), held to the same full-size bar;
                   index_exact  the index's own exact full-size plan (an "exact" row; on a
                       GPU its exact stage runs on the device: the GPU goal's reference).
 A baseline whose build would pass --max_build_s (900 s) is built on the largest
@@ -441,7 +443,7 @@ class Built:
   release: Callable[[], None] = lambda: None
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
   # save(path) writes the built structure and returns reopen(setting) -> (search, release),
-  # so the rematch can load it again after the other methods are freed (faiss baselines).
+  # so the rematch can load it again after the other methods are freed (faiss and ScaNN).
   save: Callable[[str], Callable[[dict], tuple[Callable, Callable]]] | None = None
 
 
@@ -675,7 +677,38 @@ def build_scann(db: Database, args: argparse.Namespace, rows: int) -> Built:
                               "reorder": reorder}, search,
                              lambda q, m=mflops: (m, 4.0 * d + d / 4 + 4.0)))
     chains.append(chain)
-  return Built("full_dim_ann", chains, build_s, rows, notes=note, release=lambda: None)
+  return Built("full_dim_ann", chains, build_s, rows, notes=note, release=lambda: None,
+               save=_scann_save(searcher))
+
+
+def _scann_save(searcher):
+  """Built.save for ScaNN: serialize into a directory now; reopen loads it back and searches
+  with the tuned leaves / reorder, as the tuned candidate did."""
+  def save(path: str):
+    os.makedirs(path, exist_ok=True)
+    searcher.serialize(path)
+
+    def reopen(setting: dict):
+      import scann
+      loaded = [scann.scann_ops_pybind.load_searcher(path)]
+
+      def search(q):
+        ids, _ = loaded[0].search_batched_parallel(
+            _faiss_queries(q), final_num_neighbors=K,
+            leaves_to_search=int(setting["leaves_to_search"]),
+            pre_reorder_num_neighbors=int(setting["reorder"]))
+        return np.asarray(ids, np.int64)
+      return search, loaded.clear
+    return reopen
+  return save
+
+
+def _remove_saved(path: str) -> None:
+  """Drops a structure written for the rematch (a faiss file or a ScaNN directory)."""
+  if os.path.isdir(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif os.path.exists(path):
+    os.remove(path)
 
 
 def _parse_stores(text: str, full: int) -> dict[int, str]:
@@ -707,44 +740,51 @@ def _parse_ann(text: str, full: int, hnsw_neighbours: int, ef_construction: int)
 def mrl_plans(full: int, num: int, store_dims: Sequence[int], ann: dict[str, Any],
               args: argparse.Namespace) -> list[tuple[str, list[Any]]]:
   """(family, chains of plans) for the MRL index: adaptive and funnel plans, each with an
-  exact shortlist at each --shortlist_dims store and with every ANN; chains grow in cost."""
+  exact shortlist at each --shortlist_dims store and with every ANN, reranked at each
+  --rerank_dims store (families that rerank below full size end in _to<Dr>); chains grow
+  in cost."""
   from mrl_jax.retrieval.plans import Adaptive, Funnel
   sizes = [s for s in args.shortlist_sizes if K <= s <= num]
-  below = sorted(d for d in store_dims if d < full)
+  stored = sorted(store_dims)
+  reranks = sorted({full if d == 0 else d for d in args.rerank_dims} & set(stored))
 
-  def funnel_dims(first: int) -> tuple[int, ...]:
-    return (first, *[d for d in below if d > first], full)
+  def funnel_dims(first: int, last: int) -> tuple[int, ...]:
+    return (first, *[d for d in stored if first < d < last], last)
 
   def funnel_keeps(size: int, stages: int) -> tuple[int, ...]:
     return tuple(max(K, size >> i) for i in range(stages))
 
+  def suffix(last: int) -> str:
+    return "" if last == full else f"_to{last}"
+
   families = []
-  for ds in [d for d in args.shortlist_dims if d in below]:
-    families.append((f"adaptive_exact{ds}", [[Adaptive(ds, s, full) for s in sizes]]))
-    dims = funnel_dims(ds)
-    if len(dims) > 2:
-      families.append((f"funnel_exact{ds}", [[Funnel(dims, funnel_keeps(s, len(dims) - 1))
-                                              for s in sizes]]))
+  for ds in [d for d in args.shortlist_dims if d in stored and d < full]:
+    for dr in [d for d in reranks if d > ds]:
+      families.append((f"adaptive_exact{ds}{suffix(dr)}",
+                       [[Adaptive(ds, s, dr) for s in sizes]]))
+      dims = funnel_dims(ds, dr)
+      if len(dims) > 2:
+        families.append((f"funnel_exact{ds}{suffix(dr)}",
+                         [[Funnel(dims, funnel_keeps(s, len(dims) - 1)) for s in sizes]]))
   for name, spec in ann.items():
-    if spec.dim >= full:
-      continue
     knobs = ([("ef_search", ef) for ef in args.ef_search] if spec.kind == "hnsw"
              else [("nprobe", p) for p in args.nprobe])
-    dims = funnel_dims(spec.dim)
-    for structure in ("adaptive", "funnel"):
-      if structure == "funnel" and len(dims) <= 2:
-        continue
-      chains = []
-      for s in sizes:
-        chain = []
-        # HNSW returns at most efSearch candidates: efSearch below the shortlist becomes it.
-        for key, value in dict.fromkeys((key, max(value, s) if key == "ef_search" else value)
-                                        for key, value in knobs):
-          options = {"shortlist": name, key: value}
-          chain.append(Adaptive(spec.dim, s, full, **options) if structure == "adaptive" else
-                       Funnel(dims, funnel_keeps(s, len(dims) - 1), **options))
-        chains.append(chain)
-      families.append((f"{structure}_{name}", chains))
+    for dr in [d for d in reranks if d > spec.dim]:
+      dims = funnel_dims(spec.dim, dr)
+      for structure in ("adaptive", "funnel"):
+        if structure == "funnel" and len(dims) <= 2:
+          continue
+        chains = []
+        for s in sizes:
+          chain = []
+          # HNSW returns at most efSearch candidates: efSearch below the shortlist becomes it.
+          for key, value in dict.fromkeys((key, max(value, s) if key == "ef_search" else value)
+                                          for key, value in knobs):
+            options = {"shortlist": name, key: value}
+            chain.append(Adaptive(spec.dim, s, dr, **options) if structure == "adaptive" else
+                         Funnel(dims, funnel_keeps(s, len(dims) - 1), **options))
+          chains.append(chain)
+        families.append((f"{structure}_{name}{suffix(dr)}", chains))
   return families
 
 
@@ -1007,8 +1047,8 @@ def _run_methods(args: argparse.Namespace, db: Database, calibration: dict | Non
     if (built.family == "full_dim_ann" and built.save is not None and args.rematch
         and _best(results, "full_dim_ann") == names[0]):
       if saved_ann:
-        os.remove(saved_ann[3])
-      path = os.path.join(scratch, f"rematch_{method}.faiss")
+        _remove_saved(saved_ann[3])
+      path = os.path.join(scratch, f"rematch_{method}" + (".faiss" if method != "scann" else ""))
       start = time.perf_counter()
       saved_ann = (names[0], picks[0][0].setting, built.save(path), path)
       log(f"  {names[0]}: the best full-size ANN so far, saved for the rematch "
@@ -1028,7 +1068,7 @@ def _run_methods(args: argparse.Namespace, db: Database, calibration: dict | Non
     if method == "exact" and "exact" not in methods:
       results.pop("exact")
   if saved_ann:
-    os.remove(saved_ann[3])
+    _remove_saved(saved_ann[3])
   out = summarize(args, db, results, tuning_log, calibration, tune_ids, report_ids, wall,
                   rematch_out)
   if prefix_exact:
@@ -1275,6 +1315,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="NAME=hnsw:DIM[:int8] or NAME=ivf:DIM[:CLUSTER_DIM][:int8],... "
                         "(int8: the ANN stores int8 codes of its prefix)")
   run_args.add_argument("--shortlist_dims", type=_ints, default=_ints("16,32,64"))
+  # A nested embedding's large prefixes rank almost as the full one does: a plan may rerank
+  # at a stored prefix below full size, and is held to the same bar (exact full-size search).
+  run_args.add_argument("--rerank_dims", type=lambda t: [0 if x == "full" else int(x)
+                                                         for x in t.split(",") if x],
+                        default=[0], help="stores the MRL plans rerank at (full = the "
+                        "embedding size), e.g. 1024,full; the bar stays full-size exact's")
   # From 10 (= k), like --ef_search: the MRL shortlists get lists as short as the full-size
   # graph's beams.
   run_args.add_argument("--shortlist_sizes", type=_ints,

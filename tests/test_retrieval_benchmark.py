@@ -210,6 +210,51 @@ def test_pilot_budget_builds_a_subset_or_everything(bench, tmp_path, monkeypatch
     assert capped.built_rows == 1000 and "memory: built on 1,000 rows" in capped.notes
 
 
+@pytest.mark.parametrize("method", ["faiss_hnsw", "faiss_ivf", "scann"])
+def test_saved_baseline_reopens_to_the_same_results(bench, tmp_path, method):
+  # The rematch times the best full-size ANN reopened from --scratch: it must be the same
+  # structure at the same tuned setting, whichever library built it.
+  if method == "scann" and not bench.scann_available():
+    pytest.skip("ScaNN is optional and does not import here")
+  rng = np.random.default_rng(2)
+  np.save(tmp_path / "db.npy", rng.standard_normal((3000, 16)).astype(np.float32))
+  np.save(tmp_path / "q.npy", rng.standard_normal((20, 16)).astype(np.float32))
+  args = bench.parse_args(["--database", str(tmp_path / "db.npy"),
+                           "--queries", str(tmp_path / "q.npy"), "--ef_search", "16,64",
+                           "--nprobe", "2,8"])
+  db = bench.file_database(args)
+  built = bench.BUILDERS[method](db, args, db.num)
+  candidate = built.chains[0][-1]
+  path = str(tmp_path / f"rematch_{method}")
+  reopen = built.save(path)
+  search, release = reopen(candidate.setting)
+  np.testing.assert_array_equal(search(db.queries), candidate.search(db.queries))
+  release()
+  bench._remove_saved(path)
+  assert not os.path.exists(path)
+
+
+def test_mrl_plans_rerank_at_each_rerank_dim_through_the_stores_between(bench):
+  from mrl_jax.retrieval.ann import AnnSpec
+  from mrl_jax.retrieval.plans import Adaptive, Funnel
+  args = bench.parse_args(["--shortlist_dims", "8", "--shortlist_sizes", "10,50",
+                           "--ef_search", "16", "--rerank_dims", "32,full"])
+  ann = {"g": AnnSpec("hnsw", 16)}
+  families = dict(bench.mrl_plans(64, 1000, [8, 16, 32, 64], ann, args))
+  assert set(families) == {"adaptive_exact8", "funnel_exact8", "adaptive_exact8_to32",
+                           "funnel_exact8_to32", "adaptive_g", "funnel_g", "adaptive_g_to32"}
+  assert families["adaptive_exact8_to32"] == [[Adaptive(8, 10, 32), Adaptive(8, 50, 32)]]
+  assert families["funnel_exact8_to32"] == [[Funnel((8, 16, 32), (10, 10)),
+                                             Funnel((8, 16, 32), (50, 25))]]
+  assert families["funnel_g"][1] == [Funnel((16, 32, 64), (50, 25), shortlist="g",
+                                            ef_search=50)]
+  # 16 -> 32 has no store between: no funnel_g_to32. A rerank dim that is not stored, or not
+  # above the shortlist's, makes no family.
+  args = bench.parse_args(["--shortlist_dims", "8", "--shortlist_sizes", "10",
+                           "--rerank_dims", "8,24,full"])
+  assert set(dict(bench.mrl_plans(64, 1000, [8, 64], {}, args))) == {"adaptive_exact8"}
+
+
 def test_interleaved_rounds_time_every_contestant_alike(bench, monkeypatch):
   now = [0.0]
   monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
