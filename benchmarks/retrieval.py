@@ -452,6 +452,12 @@ def _faiss():
   return faiss
 
 
+def hnsw_with_huge_pages(index) -> int:
+  """The MRL index's huge-page backing (`mrl_jax.retrieval.huge_pages`) for a baseline graph."""
+  from mrl_jax.retrieval.ann import hnsw_with_huge_pages as back
+  return back(index)
+
+
 def _faiss_queries(queries: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(normalized(queries))
 
@@ -464,6 +470,8 @@ def _faiss_save(index, configure: Callable[[Any, dict], None]):
 
     def reopen(setting: dict):
       loaded = _faiss().read_index(path)
+      if isinstance(loaded, _faiss().IndexHNSW):
+        hnsw_with_huge_pages(loaded)
       configure(loaded, setting)
       return (lambda q: loaded.search(_faiss_queries(q), K)[1]), loaded.reset
     return reopen
@@ -522,6 +530,7 @@ def build_faiss_hnsw(db: Database, args: argparse.Namespace, rows: int) -> Built
     index.add(normalized(block))
     last = time.perf_counter() - t
   build_s = time.perf_counter() - start
+  hnsw_with_huge_pages(index)  # As the MRL index's graphs get (see --huge_pages).
   d = db.dim
 
   def bytes_per_vector() -> float:
@@ -913,6 +922,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     before = set_faiss_blas_threshold(args.faiss_blas_threshold)
     log(f"faiss distance_compute_blas_threshold {args.faiss_blas_threshold} for every faiss "
         f"method (faiss's default here: {before}).")
+  from mrl_jax.retrieval import huge_pages
+  huge_pages.enabled = bool(args.huge_pages)
+  log(f"huge pages under every HNSW graph (MRL and full size) and the MRL rerank stores: "
+      f"{'on' if huge_pages.enabled else 'off'} (--huge_pages).")
   scratch = args.scratch or tempfile.mkdtemp(prefix="retrieval_bench_")
   os.makedirs(scratch, exist_ok=True)
   calibration = None
@@ -1157,6 +1170,7 @@ def summarize(args, db: Database, results: dict[str, dict], tuning_log: dict, ca
                      "python": sys.version.split()[0]},
          "max_build_s": args.max_build_s, "repeats": args.repeats,
          "faiss_blas_threshold": args.faiss_blas_threshold,
+         "huge_pages": bool(args.huge_pages),
          "min_time_s": args.min_time_s,
          "peak_rss_gb": peak_rss_gb(), "wall_s": time.perf_counter() - wall}
   if calibration:
@@ -1294,6 +1308,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   # baselines and MRL alike, runs with the same value.
   run_args.add_argument("--faiss_blas_threshold", type=int, default=20,
                         help="faiss distance_compute_blas_threshold for the run (0: faiss's)")
+  # Graph hops and reranks read rows anywhere in buffers of 0.25-8 GB: on 2 MiB pages they
+  # miss the TLB less (the MRL int8 graph ran 1.07-1.10x). Applied to the full-size HNSW
+  # baseline alike; IVF lists are scanned in order and left alone.
+  run_args.add_argument("--huge_pages", type=int, default=1,
+                        help="back HNSW graphs and the MRL faiss rerank stores with "
+                        "transparent huge pages where Linux allows (1/0)")
   run_args.add_argument("--max_build_s", type=float, default=900.0)
   run_args.add_argument("--max_rss_gb", type=float, default=20.0,
                         help="ScaNN is built on fewer rows if its build would pass this")

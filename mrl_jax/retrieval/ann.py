@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from mrl_jax.retrieval.errors import IndexFileError, IndexQueryError, one_line
+from mrl_jax.retrieval.huge_pages import back_with_huge_pages
 from mrl_jax.retrieval.metadata_file import read_metadata, write_metadata
 from mrl_jax.retrieval.prefix_store import (normalized_prefix, sort_by_distance_then_id,
                                              unit_prefix_rows)
@@ -178,6 +179,7 @@ class AnnShortlist:
       shortlist = cls(spec, index, np.shape(embeddings)[1])
       for start in range(0, n, max(1, int(block_rows))):
         shortlist._add_block(embeddings[start:start + block_rows])
+    shortlist.back_with_huge_pages()
     return shortlist
 
   def add(self, embeddings: np.ndarray) -> None:
@@ -186,6 +188,12 @@ class AnnShortlist:
       raise IndexQueryError(f"Embeddings of shape {np.shape(embeddings)} are narrower than the "
                             f"ANN prefix {self.dim}.")
     self._add_block(embeddings)
+    self.back_with_huge_pages()   # The buffers may have moved as they grew.
+
+  def back_with_huge_pages(self) -> int:
+    """Huge pages under an HNSW graph (`hnsw_with_huge_pages`); IVF lists are scanned
+    front to back and stay as they are. Returns the bytes collapsed."""
+    return hnsw_with_huge_pages(self.index) if self.spec.kind == "hnsw" else 0
 
   def _add_block(self, block: np.ndarray) -> None:
     with blas_for_batches(_faiss()):
@@ -278,7 +286,18 @@ class AnnShortlist:
     if index.d != spec.dim or index.ntotal != n:
       raise IndexFileError(f"{path} holds {index.ntotal} vectors of {index.d} dims, ann.json "
                            f"says {n} of {spec.dim}: save the shortlist again.")
-    return cls(spec, index, input_dim)   # read_index returns the concrete class, owning it.
+    shortlist = cls(spec, index, input_dim)   # read_index returns the concrete class, owning it.
+    shortlist.back_with_huge_pages()
+    return shortlist
+
+
+def hnsw_with_huge_pages(index: Any) -> int:
+  """Huge pages (`huge_pages`) under a faiss IndexHNSW's links and codes, where its hops
+  land anywhere; returns the bytes collapsed (0 where the kernel declined)."""
+  faiss = _faiss()
+  storage = faiss.downcast_index(index.storage)
+  return sum(back_with_huge_pages(faiss.rev_swig_ptr(vector.data(), vector.size()))
+             for vector in (index.hnsw.neighbors, storage.codes) if vector.size())
 
 
 def _sample_rows(embeddings: np.ndarray, dim: int, size: int, seed: int) -> np.ndarray:

@@ -46,6 +46,7 @@ import numpy as np
 
 from mrl_jax.evaluation.knn import l2_normalize
 from mrl_jax.retrieval.errors import IndexFileError, IndexQueryError, one_line
+from mrl_jax.retrieval.huge_pages import back_with_huge_pages
 from mrl_jax.retrieval.metadata_file import read_metadata, write_metadata
 
 STORE_DTYPES = ("float32", "float16", "int8")
@@ -376,6 +377,7 @@ class PrefixStore:
     index.add_sa_codes(raw)
     # From now on the store reads its codes from inside faiss (no second copy in memory).
     buffer = faiss.rev_swig_ptr(index.codes.data(), raw.size)
+    back_with_huge_pages(buffer)   # Reranks gather rows from anywhere in it.
     self._codes = np.asarray(_FaissOwnedCodes(index, buffer)).view(
         _CODE_DTYPES[self.dtype]).reshape(self.num_vectors, self.dim)
     return index
