@@ -1306,7 +1306,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   # its IVF coarse quantizers (and IndexFlat) then ran ~13x slower on 500 queries (1265
   # centroids x 16 dims, 1.4 ms vs 0.11 ms). The setting is global: every faiss method,
   # baselines and MRL alike, runs with the same value.
-  run_args.add_argument("--faiss_blas_threshold", type=int, default=20,
+  from mrl_jax.retrieval.ann import BATCH_BLAS_THRESHOLD  # The index's own searches use it.
+  run_args.add_argument("--faiss_blas_threshold", type=int, default=BATCH_BLAS_THRESHOLD,
                         help="faiss distance_compute_blas_threshold for the run (0: faiss's)")
   # Graph hops and reranks read rows anywhere in buffers of 0.25-8 GB: on 2 MiB pages they
   # miss the TLB less (the MRL int8 graph ran 1.07-1.10x). Applied to the full-size HNSW

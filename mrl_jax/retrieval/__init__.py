@@ -9,6 +9,7 @@
   index.py         `Index`: build / add / search / calibrate / save / load
   calibration.py   measuring plans on held-out queries; the plan that meets a target
   refine_chain.py  an ANN-shortlist funnel as one faiss IndexRefine chain over the stores
+  huge_pages.py    2 MiB pages under the graphs and rerank stores (fewer TLB misses per hop)
   metadata_file.py the versioned JSON saved beside each store and shortlist
   workdir_embeddings.py  a trained workdir's split as (embeddings, labels) to build from
   errors.py        the user errors of all of the above

@@ -28,6 +28,8 @@ faiss ranks by ||q||^2 - 2 q.c + ||c||^2 in float32: among neighbours closer tha
 ids faiss could not fill are -1 at +inf, last. faiss is optional at import time:
 `pip install faiss-cpu` (or a GPU build) to build or load a shortlist.
 AdANNS here needs cluster_dim <= dim (clusters on a prefix of the scanned prefix).
+An HNSW graph's links and codes are put on huge pages after build, add and load
+(`huge_pages`; best effort): its hops land anywhere in them.
 
 Measured (2-core CPU shared with other jobs, load average ~10: absolute times are a
 few times an idle machine's; 100,000 x 64 clustered database, 500 queries, k 10,
