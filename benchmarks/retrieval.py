@@ -463,22 +463,22 @@ def _faiss_queries(queries: np.ndarray) -> np.ndarray:
 
 
 def _faiss_save(index, configure: Callable[[Any, dict], None]):
-  """Built.save for a faiss index: write_index now; reopen reads it back and sets the tuned
-  knob (configure(index, setting))."""
+  """Built.save for a faiss index: write_index now; reopen reads it back and prepares it as
+  the tuned candidate ran (configure(index, setting): the tuned knob, huge pages)."""
   def save(path: str):
     _faiss().write_index(index, path)
 
     def reopen(setting: dict):
       loaded = _faiss().read_index(path)
-      if isinstance(loaded, _faiss().IndexHNSW):
-        hnsw_with_huge_pages(loaded)
       configure(loaded, setting)
       return (lambda q: loaded.search(_faiss_queries(q), K)[1]), loaded.reset
     return reopen
   return save
 
 
-def _set_ef_search(index, setting: dict) -> None:
+def _reopened_hnsw(index, setting: dict) -> None:
+  """A reopened full-size graph: on huge pages again (as built) and at the tuned efSearch."""
+  hnsw_with_huge_pages(index)
   index.hnsw.efSearch = int(setting["ef_search"])
 
 
@@ -545,7 +545,7 @@ def build_faiss_hnsw(db: Database, args: argparse.Namespace, rows: int) -> Built
                             lambda q, s=search: (_hnsw_ndis_cost(index, d, s, q),
                                                  bytes_per_vector())))
   return Built("full_dim_ann", [chains], build_s, index.ntotal, release=index.reset,
-               save=_faiss_save(index, _set_ef_search),
+               save=_faiss_save(index, _reopened_hnsw),
                extra={"hnsw_neighbours": args.hnsw_neighbours,
                       "ef_construction": args.ef_construction})
 
@@ -1061,7 +1061,7 @@ def _run_methods(args: argparse.Namespace, db: Database, calibration: dict | Non
         and _best(results, "full_dim_ann") == names[0]):
       if saved_ann:
         _remove_saved(saved_ann[3])
-      path = os.path.join(scratch, f"rematch_{method}" + (".faiss" if method != "scann" else ""))
+      path = os.path.join(scratch, f"rematch_{method}")  # A faiss file or a ScaNN directory.
       start = time.perf_counter()
       saved_ann = (names[0], picks[0][0].setting, built.save(path), path)
       log(f"  {names[0]}: the best full-size ANN so far, saved for the rematch "

@@ -345,7 +345,8 @@ class PrefixStore:
     IndexPreTransform(RemapDimensionsTransform(input_dim, dim) -> NormalizationTransform)
     over IndexFlatL2 / IndexScalarQuantizer(QT_fp16 / QT_8bit): for faiss.IndexRefine
     after a faiss shortlist. Built once (the codes then live inside faiss, on huge pages
-    where the kernel allows: `huge_pages`); call again after `add`. input_dim defaults to the width the store was built from.
+    where the kernel allows: `huge_pages`); call again after `add`. input_dim defaults
+    to the width the store was built from.
     """
     faiss = _faiss_or_none()
     if faiss is None:
