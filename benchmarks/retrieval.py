@@ -61,7 +61,8 @@ Methods (one at a time, each freed before the next; peak RSS in the JSON):
   mrl           `mrl_jax.retrieval.Index` with --mrl_stores (default 16, 32, 64 float32;
                 256 and full int8) and --mrl_ann (default hnsw16 = HNSW on 16 dims, adanns =
                 IVF scanning 64 dims with clusters learnt on 16, hnsw256 / hnsw256q = HNSW
-                on 256 dims over float32 / int8 codes), and a grid of plans, each
+                on 256 dims over float32 / int8 codes, hnsw384q / hnsw512q = HNSW on 384 /
+                512 dims over int8 codes), and a grid of plans, each
                 family tuned on its own and reported (mrl_<family>):
                   adaptive_exact<Ds> / funnel_exact<Ds>  exact shortlist at Ds in
                       --shortlist_dims, sizes S in --shortlist_sizes (funnel: every store
@@ -1332,7 +1333,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   run_args.add_argument("--mrl_stores", default="16:float32,32:float32,64:float32,256:int8,"
                         "full:int8", help="DIM:DTYPE,... (full = the embedding size)")
   run_args.add_argument("--mrl_ann", default="hnsw16=hnsw:16,adanns=ivf:64:16,"
-                        "hnsw256=hnsw:256,hnsw256q=hnsw:256:int8",
+                        "hnsw256=hnsw:256,hnsw256q=hnsw:256:int8,hnsw384q=hnsw:384:int8,"
+                        "hnsw512q=hnsw:512:int8",
                         help="NAME=hnsw:DIM[:int8] or NAME=ivf:DIM[:CLUSTER_DIM][:int8],... "
                         "(int8: the ANN stores int8 codes of its prefix)")
   run_args.add_argument("--shortlist_dims", type=_ints, default=_ints("16,32,64"))
