@@ -20,11 +20,13 @@ from mrl_jax.checkpointing import ITERATOR_STATE_FILE, Checkpointer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
 STEPS = 4
-# Steps 1-4 agree to ~1e-7 across device and process counts. Later steps of this
-# tiny model amplify summation-order rounding (the gradient norm at step 4 already
-# differs by up to 1e-3 between 1, 2 and 4 devices in one process), so the
-# comparisons stop at step 4.
-RTOL = 1e-5
+# Steps 1-4 agree to ~1e-7 across device and process counts on most machines; on one
+# (2026-12-04, another CPU of the same kind) step 4 differed by 2.7e-5 relative between
+# 2 processes x 2 devices and 1 x 4, steps 1-3 by <= 1.3e-7. Each step amplifies the
+# summation-order rounding of the last (the gradient norm at step 4 already differs by up
+# to 1e-3 between 1, 2 and 4 devices in one process), so the comparisons stop at step 4
+# and allow 1e-4, still far below the 1.6% the loss falls from step 1 to step 2.
+RTOL = 1e-4
 # Per run: a collective that hangs fails the test instead of CI. Generous: a
 # 2-process run on 2 loaded cores is slow, and only a hang ever waits this long.
 TIMEOUT_S = 600

@@ -103,7 +103,8 @@ def test_probe_baseline_truncates_the_other_models_embeddings(trained_workdir):
 def test_probe_on_disk_equals_the_in_memory_probe(trained_workdir):
   """Shards + row blocks (max_in_memory_gb=0) give today's summary: k-NN, retrieval and
   funnel metrics exactly (one block: the same normalised vectors and distances), the SVD
-  rows too here, the mini-batch linear top-1 within its stated 0.05 (minibatch_linear_probe)."""
+  rows up to a few swapped neighbours (streamed_probe: a float64 eigh basis against a
+  float32 SVD), the mini-batch linear top-1 within its stated 0.05 (minibatch_linear_probe)."""
   config = inference.load_config(trained_workdir)
   memory = probe.run_probe(trained_workdir, config, log=lambda _: None)
   config.probe = {"max_in_memory_gb": 0.0, "linear_epochs": 30,
@@ -114,6 +115,10 @@ def test_probe_on_disk_equals_the_in_memory_probe(trained_workdir):
              for line in lines)
   assert not os.path.exists(os.path.join(trained_workdir, "probe", "embeddings", "train"))
   assert disk["linear_probe"]["optimizer"] == "minibatch_adam" and "linear_probe" not in memory
+  # One neighbour swapped by the bases' rounding moves a query's top-1, precision@k or AP by
+  # at most 1, so a metric averaged over the queries by at most 1 / num_test (one machine's
+  # LAPACK swapped one of 9,000 top-25 slots); allow three such queries.
+  svd_tolerance = 3 / memory["num_test"]
   compared = 0
   for key, values in memory.items():
     if not (isinstance(values, list) and values and isinstance(values[0], float)):
@@ -121,6 +126,8 @@ def test_probe_on_disk_equals_the_in_memory_probe(trained_workdir):
     compared += 1
     if key.endswith("linear_top1"):
       assert np.max(np.abs(np.subtract(disk[key], values))) <= 0.05, key
+    elif key.startswith(("svd_", "baseline_svd_")):
+      assert np.max(np.abs(np.subtract(disk[key], values))) <= svd_tolerance, key
     elif key != "head_top1":
       assert disk[key] == values, key
   assert compared > 50
