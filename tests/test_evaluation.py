@@ -80,6 +80,24 @@ def test_retrieval_metrics_match_naive_loop():
     assert small[f"recall_official@{k}"] == pytest.approx(r_80)
 
 
+def test_per_query_metrics_match_naive_loop_and_average_to_the_metrics():
+  rng = np.random.default_rng(2)
+  database_labels = rng.integers(0, 4, size=200)
+  query_labels = rng.integers(0, 4, size=25)
+  neighbour_labels = rng.integers(0, 4, size=(25, 30))
+  ks = (1, 10, 30)
+  per_query = retrieval.per_query_retrieval_metrics(neighbour_labels, query_labels,
+                                                    database_labels, ks)
+  means = retrieval.retrieval_metrics(neighbour_labels, query_labels, database_labels, ks)
+  assert set(per_query) == set(means)
+  for k in ks:
+    naive = np.array([naive_metrics(row[None], np.array([y]), database_labels, k)
+                      for row, y in zip(neighbour_labels, query_labels)])
+    for column, name in enumerate(("map", "precision", "recall", "recall_official")):
+      np.testing.assert_allclose(per_query[f"{name}@{k}"], naive[:, column], rtol=1e-12)
+      assert means[f"{name}@{k}"] == pytest.approx(per_query[f"{name}@{k}"].mean(), rel=1e-12)
+
+
 def test_perfect_ranking_closed_form():
   # Every retrieved item is relevant: precision 1, AP@k 1, recall k / class size.
   database_labels = np.array([0] * 20 + [1] * 20)

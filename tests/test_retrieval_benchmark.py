@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -154,6 +155,36 @@ def test_benchmark_user_files_without_labels_report_recall_only(bench, tmp_path)
   bench_ids = bench.exact_top_k(bench.normalized(queries[report]),
                                 bench.in_memory_blocks(bench.normalized(database), 512), 10)
   assert (bench_ids == ids).mean() >= 0.99
+
+
+def test_tuner_does_not_pick_a_setting_that_met_the_bar_by_luck(bench):
+  # Without labels the metric is recall of exact search's top 10. The fast setting finds all of
+  # it on 199 of 200 queries and nothing on one: mean 0.995 clears the 0.99 bar, but by less
+  # than 1.645 standard errors of its per-query difference; the slow one returns exact's ids.
+  exact_ids = np.arange(200 * 10).reshape(200, 10)
+  lucky_ids = exact_ids.copy()
+  lucky_ids[7] = -1
+  lucky = bench.Candidate({"name": "lucky"}, lambda q: lucky_ids, lambda q: (1.0, 1.0))
+
+  def slow_exact(q):
+    time.sleep(0.02)
+    return exact_ids
+
+  exact = bench.Candidate({"name": "exact"}, slow_exact, lambda q: (1.0, 1.0))
+  queries = np.zeros((200, 4), np.float32)
+  picks = {}
+  for confidence in (0.5, 0.95):
+    tuner = bench.Tuner(queries, None, None, exact_ids, 0.99, 1, 0.0, confidence)
+    assert tuner.bar == pytest.approx(0.99)
+    picked, row, log_rows = tuner.tune([[lucky], [exact]])
+    picks[confidence] = picked.setting["name"]
+    lucky_row = log_rows[0]
+    assert lucky_row["recall_exact@10"] == pytest.approx(0.995)
+    assert row["met_bar"]
+  assert picks == {0.5: "lucky", 0.95: "exact"}
+  assert log_rows[0]["bar_margin"] == pytest.approx(
+      1.6448536 * np.std(np.r_[np.full(199, 0.01), -0.99], ddof=1) / np.sqrt(200), rel=1e-6)
+  assert not log_rows[0]["met_bar"] and log_rows[1]["bar_margin"] == 0.0
 
 
 def test_timed_calls_repeats_then_more_until_min_seconds(bench, monkeypatch):

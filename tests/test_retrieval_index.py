@@ -4,6 +4,7 @@ files."""
 import json
 import os
 import shutil
+import statistics
 
 import numpy as np
 import pytest
@@ -231,15 +232,25 @@ def test_calibrate_table_and_target(data, f32_index):
   exact_row = table[0]
   assert exact_row["metrics"]["recall_exact@10"] == 1.0
   assert exact_row["mflops_per_query"] == 2000 * 64 / 1e6
+  per_query = {}  # plan -> {metric: per-query values}, computed here from the ids.
+  exact_ids = f32_index.search(queries, 10, "exact")[0]
   for row in table:
     ids, _ = f32_index.search(queries, 10, row["plan"])
     labels = f32_index.labels[ids]
     hits = (labels == query_labels[:, None])
     precision = (np.cumsum(hits, 1) / np.arange(1, 11))
-    assert row["metrics"]["map@10"] == pytest.approx(np.mean((precision * hits).sum(1) / 10))
+    per_query[row["plan"]] = {
+        "map@10": (precision * hits).sum(1) / 10,
+        "recall_exact@10": np.array([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids)])}
+    assert row["metrics"]["map@10"] == pytest.approx(per_query[row["plan"]]["map@10"].mean())
     assert row["metrics"]["precision@10"] == pytest.approx(hits.mean())
     assert row["queries_per_s"] > 0 and row["num_queries"] == 40
     assert row["bytes_per_vector"] == f32_index.bytes_per_vector(row["plan"])
+    for metric, values in per_query[row["plan"]].items():
+      covariance = np.cov(values, per_query["exact"][metric])
+      assert row["spread"][metric] == pytest.approx(
+          {"variance": covariance[0, 0], "covariance_with_exact": covariance[0, 1],
+           "reference_variance": covariance[1, 1]}, abs=1e-12)
   assert f32_index.calibration == table
   # The same queries give the same table apart from timings.
   again = f32_index.calibrate(queries, query_labels=query_labels, k=10, plans=plans, repeats=1)
@@ -247,11 +258,22 @@ def test_calibrate_table_and_target(data, f32_index):
   strip = lambda t: [{k: v for k, v in r.items() if k not in timings} for r in t]
   assert strip(again) == strip(table)
   json.dumps(table)
-  # Target: the fastest row whose metric is within 1% of exact full size's.
-  for metric, within in (("map@10", 0.01), ("recall_exact@10", 0.2)):
-    bar = (1 - within) * exact_row["metrics"][metric]
-    best = max((r for r in again if r["metrics"][metric] >= bar), key=lambda r: r["queries_per_s"])
-    target = Target(metric, within)
+  # Target: the fastest row whose metric is within `within` of exact full size's, by a margin
+  # of z(confidence) standard errors of its per-query difference from ratio x exact's.
+  for metric, within, confidence in (("map@10", 0.01, 0.95), ("recall_exact@10", 0.2, 0.95),
+                                     ("recall_exact@10", 0.2, 0.5), ("map@10", 0.05, 0.99)):
+    ratio = 1 - within
+    z = statistics.NormalDist().inv_cdf(confidence)
+
+    def meets(r):
+      if r["plan"] == "exact":
+        return True
+      differences = per_query[r["plan"]][metric] - ratio * per_query["exact"][metric]
+      margin = z * differences.std(ddof=1) / np.sqrt(len(differences))
+      return r["metrics"][metric] - margin >= ratio * exact_row["metrics"][metric]
+
+    best = max((r for r in again if meets(r)), key=lambda r: r["queries_per_s"])
+    target = Target(metric, within, confidence)
     assert plan_name(f32_index.resolve_plan(target)) == best["plan"]
     np.testing.assert_array_equal(f32_index.search(queries, 10, target)[0],
                                   f32_index.search(queries, 10, best["plan"])[0])
@@ -262,7 +284,8 @@ def test_resolve_target_on_a_hand_table():
                               "metrics": {"map@10": m}}
   table = [row("exact", 10.0, 0.50), row("adaptive:16:200:64", 500.0, 0.494),
            row("adaptive:16:50:64", 900.0, 0.40), row("exact:16", 300.0, 0.499)]
-  resolve = lambda within: plan_name(calibration.resolve_target(Target("map@10", within), table))
+  resolve = lambda within: plan_name(calibration.resolve_target(Target("map@10", within, 0.5),
+                                                                table))
   assert resolve(0.02) == "adaptive:16:200:64"
   assert resolve(0.003) == "exact:16"
   assert resolve(0.0) == "exact"
@@ -270,6 +293,66 @@ def test_resolve_target_on_a_hand_table():
   one_line_error(lambda: calibration.resolve_target(Target("map@25", 0.01), table),
                  "map@25 was not calibrated")
   one_line_error(lambda: calibration.resolve_target(Target(), table[1:]), "no exact full-size row")
+  # A table without per-query spreads (an older calibration) cannot give a margin.
+  one_line_error(lambda: calibration.resolve_target(Target("map@10", 0.02), table),
+                 "calibrate again, or ask for confidence 0.5")
+
+
+def test_resolve_target_with_confidence_passes_over_a_plan_that_met_the_bar_by_luck():
+  def row(plan, qps, m, variance, covariance):
+    return {"plan": plan, "queries_per_s": qps, "mflops_per_query": 1.0, "num_queries": 100,
+            "metrics": {"map@10": m},
+            "spread": {"map@10": {"variance": variance, "covariance_with_exact": covariance,
+                                  "reference_variance": 0.04}}}
+  # Bar 0.99 x 0.5 = 0.495. The fast plan clears it by 0.002 with a per-query difference of
+  # standard deviation 0.173 (standard error 0.0173); the slow one by 0.004 with 0.002.
+  table = [row("exact", 10.0, 0.50, 0.04, 0.04), row("adaptive:16:50:64", 900.0, 0.497, 0.05, 0.03),
+           row("exact:16", 300.0, 0.499, 0.04, 0.04)]
+  resolve = lambda confidence: plan_name(calibration.resolve_target(
+      Target("map@10", 0.01, confidence), table))
+  assert resolve(0.5) == "adaptive:16:50:64"
+  assert resolve(0.95) == "exact:16"
+  assert Target("map@10", 0.01) == Target("map@10", 0.01, 0.95)  # The default confidence.
+  # At 99.99% the slow plan's margin is still only 3.72 x 0.0002 = 0.0007: it stays the pick.
+  assert resolve(0.9999) == "exact:16"
+
+
+def test_confidence_margin_is_z_standard_errors_of_the_paired_difference():
+  values, reference = np.array([1.0, 0.5, 1.0, 0.0]), np.array([1.0, 1.0, 0.8, 0.6])
+  differences = values - 0.99 * reference
+  standard_error = np.sqrt(((differences - differences.mean()) ** 2).sum() / 3) / 2
+  spread = calibration.paired_spread(values, reference)
+  assert calibration.confidence_margin(spread, 4, 0.99, 0.95) == pytest.approx(
+      1.6448536 * standard_error, rel=1e-6)
+  assert calibration.confidence_margin(spread, 4, 0.99, 0.5) == 0.0
+  assert calibration.confidence_margin(spread, 1, 0.99, 0.95) == 0.0
+  # Identical per-query results (a plan returning exact search's ids) need no margin at all.
+  assert calibration.confidence_margin(calibration.paired_spread(reference, reference), 4, 1.0,
+                                       0.99) == pytest.approx(0.0, abs=1e-7)
+  for bad in (0.4, 1.0):
+    with pytest.raises(ValueError, match=r"must be in \[0.5, 1\)"):
+      calibration.confidence_margin(spread, 4, 0.99, bad)
+  with pytest.raises(ValueError, match="paired"):
+    calibration.paired_spread(values, reference[:3])
+
+
+def test_confidence_margin_passes_a_plan_exactly_at_the_bar_at_the_stated_rate():
+  # Plans whose true mean is exactly the bar (0.99 x the reference's): drawn on 300 queries,
+  # the bare comparison of means passes half of them, the 95% margin about 5%.
+  rng = np.random.default_rng(0)
+  passed = {0.5: 0, 0.95: 0}
+  trials, queries = 2000, 300
+  for _ in range(trials):
+    reference = rng.uniform(0.3, 1.0, queries)
+    # The plan loses a uniform share of each query's metric, on average 1%.
+    values = reference * (1.0 - rng.uniform(0.0, 0.02, queries))
+    bar = 0.99 * reference.mean()
+    for confidence in passed:
+      margin = calibration.confidence_margin(calibration.paired_spread(values, reference),
+                                             queries, 0.99, confidence)
+      passed[confidence] += values.mean() - margin >= bar
+  assert 0.45 < passed[0.5] / trials < 0.55
+  assert 0.03 < passed[0.95] / trials < 0.07
 
 
 def test_default_plan_grid():

@@ -25,6 +25,8 @@ PARSED = {
                                                       nprobe=8),
     "target:map@10:0.01": Target("map@10", 0.01),
     "target:recall_exact@10:0.05": Target("recall_exact@10", 0.05),
+    "target:map@10:0.01:0.5": Target("map@10", 0.01, confidence=0.5),
+    "target:map@10:0.02:0.99": Target("map@10", 0.02, confidence=0.99),
 }
 
 
@@ -84,6 +86,10 @@ BAD_TEXT = {
     "target:map@10:x": "within 'x' is not a number",
     "target:map@10:1.5": "outside \\[0, 1\\)",
     "target:map:0.01": "name@k",
+    "target:map@10:0.01:y": "confidence 'y' is not a number",
+    "target:map@10:0.01:0.3": "confidence=0.3 is outside \\[0.5, 1\\)",
+    "target:map@10:0.01:1": "confidence=1.0 is outside \\[0.5, 1\\)",
+    "target:map@10:0.01:0.9:1": "target:METRIC@K:WITHIN\\[:CONFIDENCE\\]",
 }
 
 

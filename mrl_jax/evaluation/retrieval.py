@@ -28,8 +28,20 @@ def retrieval_metrics(neighbour_labels: np.ndarray, query_labels: np.ndarray,
 
   k may not exceed the neighbours given; see the module doc for the definitions.
   """
+  per_query = per_query_retrieval_metrics(neighbour_labels, query_labels, database_labels, ks,
+                                          official_class_size=official_class_size)
+  return {name: float(np.mean(values)) for name, values in per_query.items()}
+
+
+def per_query_retrieval_metrics(neighbour_labels: np.ndarray, query_labels: np.ndarray,
+                                database_labels: np.ndarray,
+                                ks: Sequence[int] = (10, 25, 50, 100), *,
+                                official_class_size: int = OFFICIAL_CLASS_SIZE,
+                                ) -> dict[str, np.ndarray]:
+  """retrieval_metrics' entries before the mean over queries: float64 [Q] each (AP@k for map@k)."""
   if max(ks) > neighbour_labels.shape[1]:
-    raise ValueError(f"Need at least {max(ks)} neighbours per query, got {neighbour_labels.shape[1]}.")
+    raise ValueError(f"Need at least {max(ks)} neighbours per query, "
+                     f"got {neighbour_labels.shape[1]}.")
   if official_class_size <= 0:
     raise ValueError(f"official_class_size={official_class_size} must be positive.")
   hits = (neighbour_labels == query_labels[:, None]).astype(np.float64)
@@ -40,8 +52,8 @@ def retrieval_metrics(neighbour_labels: np.ndarray, query_labels: np.ndarray,
   relevant = np.maximum(class_counts[query_labels], 1)
   out = {}
   for k in ks:
-    out[f"precision@{k}"] = float(np.mean(cumulative[:, k - 1] / k))
-    out[f"recall@{k}"] = float(np.mean(cumulative[:, k - 1] / relevant))
-    out[f"recall_official@{k}"] = float(np.mean(cumulative[:, k - 1] / official_class_size))
-    out[f"map@{k}"] = float(np.mean((precision_at_rank[:, :k] * hits[:, :k]).sum(axis=1) / k))
+    out[f"precision@{k}"] = cumulative[:, k - 1] / k
+    out[f"recall@{k}"] = cumulative[:, k - 1] / relevant
+    out[f"recall_official@{k}"] = cumulative[:, k - 1] / official_class_size
+    out[f"map@{k}"] = (precision_at_rank[:, :k] * hits[:, :k]).sum(axis=1) / k
   return out

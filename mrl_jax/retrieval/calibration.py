@@ -22,13 +22,15 @@ larger stored sizes when there are two or more.
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from mrl_jax.evaluation.retrieval import retrieval_metrics
+from mrl_jax.evaluation.retrieval import per_query_retrieval_metrics
 from mrl_jax.retrieval.errors import IndexQueryError
 from mrl_jax.retrieval.plans import (EXACT_SHORTLIST, Exact, Funnel, Plan, Target, parse_plan,
                                      plan_name)
@@ -59,22 +61,37 @@ def default_plans(full_dim: int, store_dims: Sequence[int], ann_dims: dict[str, 
   return plans
 
 
-def exact_recall(ids: np.ndarray, exact_ids: np.ndarray) -> float:
-  """Mean over queries of |found ∩ exact top k| / k (-1 ids count as misses)."""
+def per_query_exact_recall(ids: np.ndarray, exact_ids: np.ndarray) -> np.ndarray:
+  """|found ∩ exact top k| / k of every query, float64 [Q] (-1 ids count as misses)."""
   k = exact_ids.shape[1]
   hits = [len(set(row[row >= 0].tolist()) & set(ref.tolist())) for row, ref in zip(ids, exact_ids)]
-  return float(np.mean(hits) / k) if hits else 0.0
+  return np.asarray(hits, np.float64) / k
+
+
+def exact_recall(ids: np.ndarray, exact_ids: np.ndarray) -> float:
+  """Mean over queries of |found ∩ exact top k| / k (-1 ids count as misses)."""
+  recall = per_query_exact_recall(ids, exact_ids)
+  return float(recall.mean()) if len(recall) else 0.0
+
+
+def per_query_plan_metrics(ids: np.ndarray, exact_ids: np.ndarray,
+                           query_labels: np.ndarray | None,
+                           database_labels: np.ndarray | None) -> dict[str, np.ndarray]:
+  """`plan_metrics` of every query, float64 [Q] each."""
+  k = ids.shape[1]
+  metrics = {EXACT_RECALL.format(k=k): per_query_exact_recall(ids, exact_ids)}
+  if query_labels is not None:
+    neighbour_labels = np.where(ids >= 0, database_labels[np.maximum(ids, 0)], -1)
+    metrics.update(per_query_retrieval_metrics(neighbour_labels, query_labels,
+                                               database_labels, (k,)))
+  return metrics
 
 
 def plan_metrics(ids: np.ndarray, exact_ids: np.ndarray, query_labels: np.ndarray | None,
                  database_labels: np.ndarray | None) -> dict[str, float]:
   """recall_exact@k, and retrieval_metrics at k when there are labels."""
-  k = ids.shape[1]
-  metrics = {EXACT_RECALL.format(k=k): exact_recall(ids, exact_ids)}
-  if query_labels is not None:
-    neighbour_labels = np.where(ids >= 0, database_labels[np.maximum(ids, 0)], -1)
-    metrics.update(retrieval_metrics(neighbour_labels, query_labels, database_labels, (k,)))
-  return metrics
+  return {name: float(values.mean()) if len(values) else 0.0 for name, values in
+          per_query_plan_metrics(ids, exact_ids, query_labels, database_labels).items()}
 
 
 def timed_median(run: Callable[[], Any], repeats: int) -> float:
@@ -110,12 +127,51 @@ def check_class_ids(labels: Any, num_rows: int, name: str, what: str) -> np.ndar
   return labels.astype(np.int64)
 
 
+def paired_spread(values: np.ndarray, reference_values: np.ndarray) -> dict[str, float]:
+  """{"variance", "covariance_with_exact"} over queries (ddof 1) of a plan's per-query metric
+  and of it with the reference's (exact full-size search's) on the same queries: with the
+  reference's own variance, enough for `confidence_margin` at any ratio."""
+  values, reference_values = (np.asarray(values, np.float64),
+                              np.asarray(reference_values, np.float64))
+  if values.shape != reference_values.shape or values.ndim != 1:
+    raise ValueError(f"Per-query values {values.shape} and reference values "
+                     f"{reference_values.shape} must be paired 1-D arrays.")
+  if len(values) < 2:
+    return {"variance": 0.0, "covariance_with_exact": 0.0, "reference_variance": 0.0}
+  covariance = np.cov(values, reference_values, ddof=1)
+  return {"variance": float(covariance[0, 0]), "covariance_with_exact": float(covariance[0, 1]),
+          "reference_variance": float(covariance[1, 1])}
+
+
+def confidence_margin(spread: dict[str, float], num_queries: int, ratio: float,
+                      confidence: float) -> float:
+  """How far a plan's mean metric must lie above `ratio` x the reference's mean on these queries
+  for the plan to meet that bar, at one-sided `confidence`, on new queries drawn like them.
+
+  spread: `paired_spread` of the plan's and the reference's per-query metric. The margin is
+  z(confidence) x the standard error of the mean of plan - ratio x reference over the
+  queries; 0 at confidence 0.5 (the bare comparison of means). Picking the fastest of many
+  plans by the bare comparison favours plans that were lucky on these queries (the winner's
+  curse): on other queries they fall short of the bar more often than not.
+  """
+  if not 0.5 <= confidence < 1.0:
+    raise ValueError(f"confidence={confidence} must be in [0.5, 1) (0.5: no margin).")
+  if num_queries < 2 or confidence == 0.5:
+    return 0.0
+  variance = (spread["variance"] - 2.0 * ratio * spread["covariance_with_exact"]
+              + ratio ** 2 * spread["reference_variance"])
+  z = statistics.NormalDist().inv_cdf(confidence)
+  return float(z * math.sqrt(max(variance, 0.0) / num_queries))
+
+
 def resolve_target(target: Target, table: list[dict[str, Any]]) -> Plan:
-  """The fastest plan in `table` with metric >= (1 - within) * exact full size's."""
+  """The fastest plan in `table` whose metric, less its `confidence_margin` at the target's
+  confidence, is at least (1 - within) * exact full size's."""
   if not table:
     raise IndexQueryError(f"Plan {plan_name(target)!r} needs a calibrated index: run "
                           "index.calibrate(queries, query_labels=...) first.")
-  baseline = [row for row in table if row["plan"] == plan_name(Exact())]
+  exact_name = plan_name(Exact())
+  baseline = [row for row in table if row["plan"] == exact_name]
   if not baseline:
     raise IndexQueryError("The calibration table has no exact full-size row to compare with: "
                           "calibrate again with Exact() among the plans.")
@@ -123,8 +179,23 @@ def resolve_target(target: Target, table: list[dict[str, Any]]) -> Plan:
     raise IndexQueryError(f"Target metric {target.metric} was not calibrated (measured: "
                           f"{', '.join(sorted(baseline[0]['metrics']))}); calibrate with "
                           "query_labels for map@k, or at that k.")
-  bar = (1.0 - target.within) * baseline[0]["metrics"][target.metric]
-  meeting = [row for row in table if row["metrics"].get(target.metric, -np.inf) >= bar]
+  ratio = 1.0 - target.within
+  bar = ratio * baseline[0]["metrics"][target.metric]
+
+  def margin(row: dict[str, Any]) -> float:
+    if row["plan"] == exact_name or target.confidence == 0.5:
+      return 0.0  # Exact full size is the reference: it meets its own bar on any queries.
+    spread = row.get("spread", {}).get(target.metric)
+    if spread is None:
+      raise IndexQueryError(f"The calibration table has no per-query spread of "
+                            f"{target.metric} (calibrated by an older mrl_jax): calibrate "
+                            f"again, or ask for confidence 0.5 "
+                            f"(target:{target.metric}:{target.within:g}:0.5).")
+    return confidence_margin(spread, int(row["num_queries"]), ratio, target.confidence)
+
+  meeting = [row for row in table
+             if target.metric in row["metrics"]
+             and row["metrics"][target.metric] - margin(row) >= bar]
   # Exact full size always meets its own bar, so `meeting` is never empty.
   best = max(meeting, key=lambda row: (row["queries_per_s"], -row["mflops_per_query"]))
   return parse_plan(best["plan"])

@@ -429,16 +429,22 @@ class Index:
     ordered = [p for i, p in enumerate(ordered) if names.index(names[i]) == i]  # Drop repeats.
     for plan in ordered:
       self._plan_parts(plan)
-    table, exact_ids = [], None
+    table, exact_ids, exact_values = [], None, None
     for plan in ordered:
       ids, _ = self.search(queries, k, plan)
       if exact_ids is None:
         exact_ids = ids
+      values = calibration.per_query_plan_metrics(ids, exact_ids, labels, self._labels)
+      if exact_values is None:
+        exact_values = values
       seconds = calibration.timed_median(lambda plan=plan: self.search(queries, k, plan), repeats)
       table.append({
           "plan": plan_name(plan), "k": int(k), "num_queries": int(len(queries)),
           "queries_per_s": len(queries) / max(seconds, 1e-12), "seconds": seconds,
-          "metrics": calibration.plan_metrics(ids, exact_ids, labels, self._labels),
+          "metrics": {name: float(v.mean()) for name, v in values.items()},
+          # Per-query spread against exact search, for a Target's confidence margin.
+          "spread": {name: calibration.paired_spread(v, exact_values[name])
+                     for name, v in values.items()},
           "mflops_per_query": plan_flops(plan, self.num_vectors, self._dim) / 1e6,
           "bytes_per_vector": self.bytes_per_vector(plan),
       })

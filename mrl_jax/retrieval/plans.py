@@ -11,9 +11,12 @@ stage keeps; `Index.search` carries it out.
                   have one entry fewer than `dims`: the last stage then keeps k.
                   As `evaluation.funnel.funnel_retrieve`;
   Adaptive(...)   the two-stage funnel (shortlist at a small prefix, rerank at a large one);
-  Target(metric, within)
+  Target(metric, within, confidence)
                   the fastest calibrated plan whose metric is at least (1 - within) times
-                  exact full-size search's (`Index.calibrate` measures the candidates).
+                  exact full-size search's (`Index.calibrate` measures the candidates), by
+                  a margin: at one-sided `confidence` (default 0.95) it meets that bar on
+                  new queries like the calibration ones, not only on those (0.5: no margin;
+                  `calibration.confidence_margin`).
 
 Plans have a text form (`parse_plan` / `plan_name`, the CLI's --plan) and a JSON form
 (`plan_to_dict` / `plan_from_dict`, kept in saved calibration tables):
@@ -25,7 +28,7 @@ Plans have a text form (`parse_plan` / `plan_name`, the CLI's --plan) and a JSON
   ...@hnsw16                 stage 0 from the ANN named hnsw16; options follow, one per
   ...@hnsw16:ef=256          colon: ef=<efSearch> (HNSW), nprobe=<lists> (IVF)
   ...@ivf32:nprobe=8
-  target:map@10:0.01         (metric : within)
+  target:map@10:0.01         (metric : within [: confidence], e.g. target:map@10:0.01:0.99)
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ from mrl_jax.retrieval.errors import IndexQueryError
 
 EXACT_SHORTLIST = "exact"  # Funnel.shortlist for an exact stage-0 scan of a stored prefix.
 SHORTLIST_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")  # An ANN's name in a plan.
+DEFAULT_CONFIDENCE = 0.95  # A Target's default one-sided confidence (module doc).
 _METRIC = re.compile(r"[a-z_]+@[1-9][0-9]*\Z")
 _GRAMMAR = ("exact[:DIM] | adaptive:DS:SIZE[:DR] | funnel:D1,D2,...:S1,S2,... (either with "
-            "@ANN[:ef=N][:nprobe=N]) | target:METRIC@K:WITHIN")
+            "@ANN[:ef=N][:nprobe=N]) | target:METRIC@K:WITHIN[:CONFIDENCE]")
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -118,21 +122,27 @@ def Adaptive(shortlist_dim: int, shortlist_size: int,  # noqa: N802 (reads as a 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """The fastest calibrated plan with metric >= (1 - within) * exact full-size search's."""
+  """The fastest calibrated plan with metric >= (1 - within) * exact full-size search's, by the
+  margin that makes it hold at one-sided `confidence` on new queries (module doc)."""
   metric: str = "map@10"
   within: float = 0.01
+  confidence: float = DEFAULT_CONFIDENCE
 
   def __post_init__(self):
     if not isinstance(self.metric, str) or not _METRIC.match(self.metric):
       raise IndexQueryError(f"Target metric {self.metric!r} is not of the form name@k "
                             "(e.g. 'map@10', 'recall_exact@10').")
-    try:
-      within = float(self.within)
-    except (TypeError, ValueError):
-      raise IndexQueryError(f"Target within={self.within!r} is not a number in [0, 1).") from None
-    if not 0.0 <= within < 1.0:
-      raise IndexQueryError(f"Target within={within} is outside [0, 1) (0.01 = within 1%).")
-    object.__setattr__(self, "within", within)
+    for field, low, high, example in (("within", 0.0, 1.0, "0.01 = within 1%"),
+                                      ("confidence", 0.5, 1.0, "0.5 = no margin")):
+      try:
+        value = float(getattr(self, field))
+      except (TypeError, ValueError):
+        raise IndexQueryError(f"Target {field}={getattr(self, field)!r} is not a number in "
+                              f"[{low:g}, {high:g}).") from None
+      if not low <= value < high:
+        raise IndexQueryError(f"Target {field}={value} is outside [{low:g}, {high:g}) "
+                              f"({example}).")
+      object.__setattr__(self, field, value)
 
 
 Plan = Union[Exact, Funnel, Target]
@@ -194,15 +204,17 @@ def parse_plan(text: str) -> Plan:
   spec = text.strip()
   kind, _, rest = spec.partition(":")
   if kind == "target":
-    metric, sep, within = rest.rpartition(":")
-    if not sep:
-      raise IndexQueryError(f"Plan {spec!r}: a target is target:METRIC@K:WITHIN "
+    metric, *numbers_text = rest.split(":")
+    if len(numbers_text) not in (1, 2):
+      raise IndexQueryError(f"Plan {spec!r}: a target is target:METRIC@K:WITHIN[:CONFIDENCE] "
                             "(e.g. target:map@10:0.01).")
-    try:
-      within_value = float(within)
-    except ValueError:
-      raise IndexQueryError(f"Plan {spec!r}: within {within!r} is not a number.") from None
-    return Target(metric=metric, within=within_value)
+    values = []
+    for field, text in zip(("within", "confidence"), numbers_text):
+      try:
+        values.append(float(text))
+      except ValueError:
+        raise IndexQueryError(f"Plan {spec!r}: {field} {text!r} is not a number.") from None
+    return Target(metric, *values)
   body, at, suffix = spec.partition("@")
   kind, _, rest = body.partition(":")
   parts = rest.split(":") if rest else []
@@ -238,7 +250,8 @@ def plan_name(plan: Plan) -> str:
   if isinstance(plan, Exact):
     return "exact" if plan.dim is None else f"exact:{plan.dim}"
   if isinstance(plan, Target):
-    return f"target:{plan.metric}:{plan.within:g}"
+    text = f"target:{plan.metric}:{plan.within:g}"
+    return text if plan.confidence == DEFAULT_CONFIDENCE else f"{text}:{plan.confidence:g}"
   if len(plan.dims) == 2 and len(plan.shortlists) == 1:
     text = f"adaptive:{_dim_text(plan.dims[0])}:{plan.shortlists[0]}"
     if plan.dims[1] is not None:

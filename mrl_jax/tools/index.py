@@ -22,8 +22,9 @@ search: writes the ids [Q, k] (int64) to --out and the distances (float32 square
   prints queries/s of one search after an untimed one (JAX compiles on first use; the
   warm-up runs all queries up to 4,096, else the first 1,024). Plans: see
   `mrl_jax.retrieval.plans.parse_plan` ("exact", "exact:256", "adaptive:16:200:2048",
-  "funnel:16,64,2048:200,50", an "@ANN" suffix, "target:map@10:0.01" once the index is
-  calibrated; a target prints the plan it chose).
+  "funnel:16,64,2048:200,50", an "@ANN" suffix, "target:map@10:0.01[:0.95]" once the
+  index is calibrated: within 1% of exact's mAP@10 at 95% confidence; a target prints the
+  plan it chose).
 bench: calibrates the plans on the queries (`Index.calibrate`: queries/s, mAP@k with
   labels, recall of exact full-size top-k), prints a table, saves the calibration in
   the index (so target plans work in search) and, with --out, writes it as JSON.
