@@ -128,9 +128,9 @@ def check_class_ids(labels: Any, num_rows: int, name: str, what: str) -> np.ndar
 
 
 def paired_spread(values: np.ndarray, reference_values: np.ndarray) -> dict[str, float]:
-  """{"variance", "covariance_with_exact"} over queries (ddof 1) of a plan's per-query metric
-  and of it with the reference's (exact full-size search's) on the same queries: with the
-  reference's own variance, enough for `confidence_margin` at any ratio."""
+  """{"variance", "covariance_with_exact", "reference_variance"} over queries (ddof 1) of a
+  plan's per-query metric and the reference's (exact full-size search's) on the same queries:
+  enough for `confidence_margin` at any ratio, without keeping the per-query values."""
   values, reference_values = (np.asarray(values, np.float64),
                               np.asarray(reference_values, np.float64))
   if values.shape != reference_values.shape or values.ndim != 1:

@@ -209,11 +209,11 @@ def parse_plan(text: str) -> Plan:
       raise IndexQueryError(f"Plan {spec!r}: a target is target:METRIC@K:WITHIN[:CONFIDENCE] "
                             "(e.g. target:map@10:0.01).")
     values = []
-    for field, text in zip(("within", "confidence"), numbers_text):
+    for field, number in zip(("within", "confidence"), numbers_text):
       try:
-        values.append(float(text))
+        values.append(float(number))
       except ValueError:
-        raise IndexQueryError(f"Plan {spec!r}: {field} {text!r} is not a number.") from None
+        raise IndexQueryError(f"Plan {spec!r}: {field} {number!r} is not a number.") from None
     return Target(metric, *values)
   body, at, suffix = spec.partition("@")
   kind, _, rest = body.partition(":")
