@@ -304,31 +304,28 @@ def file_database(args: argparse.Namespace) -> Database:
 
 # --- Metrics and exact search -------------------------------------------------------------
 
+QUALITY_METRICS = ("recall_exact@10", "map@10", "precision@10")  # map / precision need labels.
+
+
+def per_query_quality(ids: np.ndarray, query_labels: np.ndarray | None,
+                      db_labels: np.ndarray | None, exact_ids: np.ndarray,
+                      ) -> dict[str, np.ndarray]:
+  """`quality`'s metrics of every query, float64 [Q] each (the index's own definitions,
+  `calibration.per_query_plan_metrics` at k = 10)."""
+  from mrl_jax.retrieval.calibration import per_query_plan_metrics
+  values = per_query_plan_metrics(np.asarray(ids)[:, :K], np.asarray(exact_ids)[:, :K],
+                                  query_labels, db_labels)
+  return {name: values[name] for name in QUALITY_METRICS if name in values}
+
+
 def quality(ids: np.ndarray, query_labels: np.ndarray | None, db_labels: np.ndarray | None,
             exact_ids: np.ndarray) -> dict[str, float]:
   """mAP@10 / precision@10 by label (official definitions) and recall of the exact top-10."""
-  from mrl_jax.evaluation.retrieval import retrieval_metrics
-  ids = np.asarray(ids)[:, :K]
-  hits = (ids[:, :, None] == exact_ids[:, None, :K]) & (ids[:, :, None] >= 0)
-  out = {"recall_exact@10": float(hits.any(-1).sum(1).mean() / K)}
-  if query_labels is not None:
-    labels = np.where(ids >= 0, db_labels[np.clip(ids, 0, None)], -1)
-    metrics = retrieval_metrics(labels, query_labels, db_labels, (K,))
-    out.update({"map@10": metrics["map@10"], "precision@10": metrics["precision@10"]})
-  return out
+  return _mean_over_queries(per_query_quality(ids, query_labels, db_labels, exact_ids))
 
 
-def per_query_metric(ids: np.ndarray, query_labels: np.ndarray | None,
-                     db_labels: np.ndarray | None, exact_ids: np.ndarray) -> np.ndarray:
-  """The tuning metric of every query, float64 [Q]: AP@10 by label (recall of the exact
-  top-10 without labels); its mean is `quality`'s map@10 (recall_exact@10)."""
-  from mrl_jax.evaluation.retrieval import per_query_retrieval_metrics
-  ids = np.asarray(ids)[:, :K]
-  if query_labels is None:
-    hits = (ids[:, :, None] == exact_ids[:, None, :K]) & (ids[:, :, None] >= 0)
-    return hits.any(-1).sum(1) / K
-  labels = np.where(ids >= 0, db_labels[np.clip(ids, 0, None)], -1)
-  return per_query_retrieval_metrics(labels, query_labels, db_labels, (K,))[f"map@{K}"]
+def _mean_over_queries(per_query: dict[str, np.ndarray]) -> dict[str, float]:
+  return {name: float(values.mean()) for name, values in per_query.items()}
 
 
 def exact_top_k(queries_norm: np.ndarray, blocks: Iterator[tuple[int, np.ndarray]],
@@ -422,16 +419,17 @@ class Tuner:
     self.exact_ids, self.bar_ratio, self.repeats = exact_ids, bar_ratio, repeats
     self.min_seconds, self.confidence = min_seconds, confidence
     self.metric = "map@10" if query_labels is not None else "recall_exact@10"
-    self.exact_values = per_query_metric(exact_ids, query_labels, db_labels, exact_ids)
+    self.exact_values = per_query_quality(exact_ids, query_labels, db_labels,
+                                          exact_ids)[self.metric]
     self.bar = bar_ratio * float(self.exact_values.mean())
 
   def measure(self, candidate: Candidate) -> dict[str, Any]:
     from mrl_jax.retrieval.calibration import confidence_margin, paired_spread
     ids, seconds = timed(lambda: candidate.search(self.queries), self.repeats, self.min_seconds)
-    metrics = quality(ids, self.query_labels, self.db_labels, self.exact_ids)
-    values = per_query_metric(ids, self.query_labels, self.db_labels, self.exact_ids)
-    margin = confidence_margin(paired_spread(values, self.exact_values), len(values),
-                               self.bar_ratio, self.confidence)
+    per_query = per_query_quality(ids, self.query_labels, self.db_labels, self.exact_ids)
+    metrics = _mean_over_queries(per_query)
+    margin = confidence_margin(paired_spread(per_query[self.metric], self.exact_values),
+                               len(self.exact_values), self.bar_ratio, self.confidence)
     return {"setting": candidate.setting, "queries_per_s": len(self.queries) / seconds,
             **metrics, "bar_margin": margin,
             "met_bar": metrics[self.metric] - margin >= self.bar}

@@ -68,16 +68,11 @@ def per_query_exact_recall(ids: np.ndarray, exact_ids: np.ndarray) -> np.ndarray
   return np.asarray(hits, np.float64) / k
 
 
-def exact_recall(ids: np.ndarray, exact_ids: np.ndarray) -> float:
-  """Mean over queries of |found ∩ exact top k| / k (-1 ids count as misses)."""
-  recall = per_query_exact_recall(ids, exact_ids)
-  return float(recall.mean()) if len(recall) else 0.0
-
-
 def per_query_plan_metrics(ids: np.ndarray, exact_ids: np.ndarray,
                            query_labels: np.ndarray | None,
                            database_labels: np.ndarray | None) -> dict[str, np.ndarray]:
-  """`plan_metrics` of every query, float64 [Q] each."""
+  """recall_exact@k, and retrieval_metrics at k when there are labels: float64 [Q] each,
+  one value a query (their means are the calibration table's metrics)."""
   k = ids.shape[1]
   metrics = {EXACT_RECALL.format(k=k): per_query_exact_recall(ids, exact_ids)}
   if query_labels is not None:
@@ -85,13 +80,6 @@ def per_query_plan_metrics(ids: np.ndarray, exact_ids: np.ndarray,
     metrics.update(per_query_retrieval_metrics(neighbour_labels, query_labels,
                                                database_labels, (k,)))
   return metrics
-
-
-def plan_metrics(ids: np.ndarray, exact_ids: np.ndarray, query_labels: np.ndarray | None,
-                 database_labels: np.ndarray | None) -> dict[str, float]:
-  """recall_exact@k, and retrieval_metrics at k when there are labels."""
-  return {name: float(values.mean()) if len(values) else 0.0 for name, values in
-          per_query_plan_metrics(ids, exact_ids, query_labels, database_labels).items()}
 
 
 def timed_median(run: Callable[[], Any], repeats: int) -> float:
